@@ -1,0 +1,127 @@
+"""The ``fedkd`` command line.
+
+Errors a user can fix (a bad scenario, an unknown strategy, a missing file)
+print one line and exit with code 2; nothing is written in that case.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+EXIT_USAGE = 2
+
+
+def _progress_printer(stream):
+    """A one-line progress bar per strategy on a terminal; nothing otherwise."""
+    if not stream.isatty():
+        return None
+
+    def show(label, record, total_rounds) -> None:
+        width = 24
+        done = int(width * record.round / max(total_rounds, 1))
+        stream.write(f"\r{label:>12} [{'#' * done}{'.' * (width - done)}] round {record.round}/{total_rounds}"
+                     f"  acc {record.accuracy:.3f}  t={record.sim_time_s:,.0f}s ")
+        if record.round >= total_rounds:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_validate(args) -> int:
+    from .scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    print(f"{args.scenario}: ok ({scenario.name}: {scenario.population.devices:,} devices, "
+          f"{scenario.rounds} rounds, strategies {[s.run_label for s in scenario.strategies]})")
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    from .registry import builtin_strategies, resolve_strategy
+
+    for name in builtin_strategies():
+        ref = resolve_strategy(name)
+        print(f"{name:<12} {ref.description}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .runner import simulate, with_overrides
+    from .scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    scenario = with_overrides(scenario, args.scenario, seed=args.seed, rounds=args.rounds,
+                              strategies=args.strategy, backend=args.backend)
+    out_dir = Path(args.out) if args.out else Path("results") / scenario.name
+    if out_dir.exists() and not out_dir.is_dir():
+        from .errors import FedkdError
+
+        raise FedkdError(f"--out {out_dir} exists and is not a folder")
+    runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr))
+    for run in runs:
+        last = run.rounds[-1] if run.rounds else None
+        note = f"  (stopped early: {run.stopped_early})" if run.stopped_early else ""
+        if last is not None:
+            print(f"{run.label:>12}: accuracy {last.accuracy:.3f} after {last.round} rounds, "
+                  f"{last.sim_time_s:,.0f} s simulated, {run.wall_time_s:.1f} s wall{note}")
+    print(f"results in {out_dir}/ ({', '.join(p.name for p in written)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a scenario and write its results")
+    sim.add_argument("scenario", help="scenario YAML file")
+    sim.add_argument("--out", help="results folder (default: results/<scenario name>/)")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("--rounds", type=_positive_int, help="override the number of rounds")
+    sim.add_argument("--strategy", action="append", metavar="NAME",
+                     help="run this strategy instead of the scenario's list (repeatable); "
+                          "a registry name, module:Class or path/to/file.py:Class")
+    sim.add_argument("--backend", choices=["inprocess", "ray"], help="override the execution backend")
+    sim.set_defaults(func=cmd_simulate)
+
+    val = sub.add_parser("validate", help="check a scenario file without running it")
+    val.add_argument("scenario")
+    val.set_defaults(func=cmd_validate)
+
+    strat = sub.add_parser("strategies", help="list the registered strategies")
+    strat.set_defaults(func=cmd_strategies)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import flwr.supercore.logger  # noqa: F401 - Flower sets its logger's level on import; override it after
+
+    logging.getLogger("flwr").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    from .errors import FedkdError
+
+    try:
+        return args.func(args)
+    except FedkdError as exc:
+        print(f"fedkd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedkd: interrupted; results already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Checks of a scenario against what it names: the dataset, its options and
+modalities, the strategies and their parameters. Run before anything runs, so
+a typo fails in a second with the key path, not after an hour of simulation."""
+from __future__ import annotations
+
+from . import data
+from .errors import FedkdError, ScenarioError
+from .registry import check_params, resolve_strategy, strategy_params
+from .scenario import Scenario
+
+
+def check_references(scenario: Scenario, path: str, strict_defaults: bool = True) -> None:
+    try:
+        options = data.dataset_options(scenario.data.dataset)
+    except FedkdError as exc:
+        raise ScenarioError(path, "data.dataset", str(exc)) from None
+    for key in scenario.data.options:
+        if key not in options:
+            raise ScenarioError(path, f"data.options.{key}",
+                                f"unknown option for dataset {scenario.data.dataset!r}; "
+                                f"expected one of {sorted(options)}")
+    modalities = _modalities(scenario)
+    for i, c in enumerate(scenario.population.classes):
+        for m in c.modalities or []:
+            if m not in modalities:
+                raise ScenarioError(path, f"population.classes[{i}].modalities",
+                                    f"unknown modality {m!r}; dataset {scenario.data.dataset!r} has {list(modalities)}")
+    tiers = {c.model_tier or scenario.training.model_tier for c in scenario.population.classes}
+    used_defaults: set[str] = set()
+    for i, spec in enumerate(scenario.strategies):
+        try:
+            ref = resolve_strategy(spec.name)
+        except FedkdError as exc:
+            raise ScenarioError(path, f"strategies[{i}].name", str(exc)) from None
+        params = strategy_params(ref, scenario.strategy_defaults, spec.params)
+        used_defaults |= set(params) - set(spec.params)
+        problem = check_params(ref, params)
+        if problem:
+            raise ScenarioError(path, f"strategies[{i}].params", problem)
+        if ref.shares_weights and len(tiers) > 1:
+            raise ScenarioError(path, f"strategies[{i}]",
+                                f"{spec.name} averages model weights, so all devices need one architecture, "
+                                f"but the device classes use model tiers {sorted(tiers)}; "
+                                "use a logit-exchange strategy or one model_tier")
+    unused = set(scenario.strategy_defaults) - used_defaults
+    if unused and strict_defaults:
+        raise ScenarioError(path, f"strategy_defaults.{sorted(unused)[0]}",
+                            "no strategy of this scenario takes this parameter")
+
+
+def _modalities(scenario: Scenario) -> tuple[str, ...]:
+    """Modality names, read without loading the data where the dataset class tells them."""
+    cls = data.dataset_class(scenario.data.dataset)
+    declared = getattr(cls, "MODALITY_NAMES", None)
+    if declared is not None:
+        return tuple(declared)
+    return data.load_dataset(scenario.data.dataset, scenario.data.options, scenario.seed).modality_names

@@ -1,0 +1,1 @@
+"""Flower glue: the ClientApp, the ServerApp, and the backends that run them."""

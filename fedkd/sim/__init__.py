@@ -1,0 +1,1 @@
+"""The simulated device world: population, dynamics, task timelines, the simulated grid."""

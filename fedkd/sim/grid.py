@@ -1,0 +1,165 @@
+"""The simulated grid: Flower's ``Grid`` as the strategy sees it, backed by the
+simulated device population.
+
+Strategies talk to this grid exactly as to a real one. ``get_node_ids``
+returns the devices that are online and alive now (device ids are node ids).
+Each message is executed by the ClientApp on one of the real grid's executor
+nodes, carrying the device id and the device's own state; then its timeline
+runs in the SimPy world with the real payload bytes and the FLOPs the client
+spent. A device that goes offline, runs flat or misses the deadline yields an
+error reply, exactly as a failed node does in Flower.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from ..runtime.records import STATE, payload_bytes, reported_flops, strategy_view, with_task
+from ..seeding import derive_seed
+from .recorder import RoundRecorder
+from .world import OK, DeviceWorld, TaskCost
+
+ERROR_CODES = {
+    "deadline": ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    "offline": ErrorCode.NODE_UNAVAILABLE,
+    "battery": ErrorCode.NODE_UNAVAILABLE,
+    "error": ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+}
+
+
+class PopulationExhausted(RuntimeError):
+    """The strategy waited longer than the scenario allows for enough devices."""
+
+
+class SimulatedGrid(Grid):
+    def __init__(self, executors: Grid, world: DeviceWorld, recorder: RoundRecorder, seed: int,
+                 timeout_s: float):
+        self.executors, self.world, self.recorder = executors, world, recorder
+        self.seed, self.timeout_s = seed, timeout_s
+        self.device_state: dict[int, object] = {}  # only devices that have state take room
+        self._replies: dict[str, Message] = {}
+        self._message_count = 0
+        self._polls_since_send = 0
+        self._last_poll_wall_s = 0.0
+        self._waited_s = 0.0
+
+    # -- Grid API ----------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.executors.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.executors.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        now_wall = time.monotonic()
+        self._polls_since_send += 1
+        # Flower's sample_nodes polls once a second while too few nodes are
+        # online. Here, waiting costs simulated time: let devices come back.
+        if self._polls_since_send > 2 and now_wall - self._last_poll_wall_s > 0.5:
+            self._waited_s += self.world.spec.wait_step_s
+            if self._waited_s > self.world.spec.max_wait_s:
+                raise PopulationExhausted(
+                    f"waited {self._waited_s:.0f} s of simulated time for devices; "
+                    f"{len(self.world.available_ids())} online, "
+                    f"{int((~self.world.alive()).sum())} with a flat battery")
+            self.world.advance(self.world.spec.wait_step_s)
+        self._last_poll_wall_s = now_wall
+        # Flower samples with the global `random`: seed it here, right before the
+        # strategy samples, so the same scenario and seed choose the same devices.
+        random.seed(derive_seed(self.seed, "sample", self.recorder.current_round, self._polls_since_send))
+        return self.world.available_ids().tolist()
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        self._polls_since_send, self._waited_s = 0, 0.0
+        ids = []
+        for message in messages:
+            self._message_count += 1
+            message.metadata.__dict__["_message_id"] = f"fedkd-{self._message_count}"
+            ids.append(message.metadata.message_id)
+        for reply in self._run_phase(messages):
+            self._replies[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        # Replies come back in device order, so aggregation sums in a fixed order.
+        return self.pull_messages(self.push_messages(messages))
+
+    # -- the simulated world -----------------------------------------------------
+    def _run_phase(self, messages: list[Message]) -> list[Message]:
+        if not messages:
+            return []
+        world, server_round = self.world, self.recorder.current_round
+        alive, unreachable, sent = world.alive(), {}, {}
+        for message in messages:
+            device = message.metadata.dst_node_id
+            if not 0 <= device < world.population.size:
+                raise ValueError(f"message addressed to node {device}, which is not a device of this "
+                                 f"population (0..{world.population.size - 1})")
+            if device in sent or device in unreachable:
+                raise ValueError(f"two messages for device {device} in one phase")
+            if not alive[device]:
+                unreachable[device] = "battery"
+            elif not world.online[device]:
+                unreachable[device] = "offline"
+            else:
+                sent[device] = message
+        replies = self._execute(sent, server_round)
+        costs = []
+        for device, message in sent.items():
+            reply = replies.get(device)
+            if reply is None or reply.has_error():
+                unreachable[device] = "error"
+            else:
+                costs.append(TaskCost(device, payload_bytes(message.content),
+                                      reported_flops(reply.content), payload_bytes(reply.content)))
+        outcomes = world.run_phase(costs, unreachable)
+        phase = messages[0].metadata.message_type.split(".")[0]
+        self.recorder.record_phase(phase, outcomes)
+        by_device = {m.metadata.dst_node_id: m for m in messages}
+        out = []
+        for o in outcomes:
+            original = by_device[o.device_id]
+            if o.status == OK:
+                content = replies[o.device_id].content
+                if STATE in content:
+                    self.device_state[o.device_id] = content[STATE]
+                out.append(Message(strategy_view(content), reply_to=original))
+            else:
+                detail = replies[o.device_id].error.reason if o.reason == "error" and o.device_id in replies else ""
+                error = Error(ERROR_CODES[o.reason], f"fedkd: {o.reason}" + (f": {detail}" if detail else ""))
+                out.append(Message(error, reply_to=original))
+        return out
+
+    def _execute(self, sent: dict[int, Message], server_round: int) -> dict[int, Message]:
+        """Run each device's task on an executor node; returns replies by device."""
+        if not sent:
+            return {}
+        executors = sorted(self.executors.get_node_ids())
+        inner_to_device, inner = {}, []
+        for i, (device, message) in enumerate(sorted(sent.items())):
+            content = with_task(message.content, device, server_round, self.seed)
+            if device in self.device_state:
+                content[STATE] = self.device_state[device]
+            task = Message(content, executors[i % len(executors)], message.metadata.message_type,
+                           group_id=str(server_round))
+            inner.append((device, task))
+        replies = self.executors.send_and_receive([t for _, t in inner], timeout=self.timeout_s)
+        for device, task in inner:
+            inner_to_device[task.metadata.message_id] = device
+        return {inner_to_device[r.metadata.reply_to_message_id]: r for r in replies
+                if r.metadata.reply_to_message_id in inner_to_device}

@@ -1,0 +1,72 @@
+"""Local training and evaluation of one model on one device's samples.
+
+Shuffling and initialisation take their randomness from explicit seeds, so a
+device's update is the same in any process and under any backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.base import Split
+
+
+def to_tensors(split: Split, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {m: torch.from_numpy(np.ascontiguousarray(split.inputs[m])) for m in modalities}
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    num_examples: int
+    mean_loss: float
+
+
+def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epochs: int,
+                batch_size: int, learning_rate: float, seed: int,
+                proximal_mu: float = 0.0, optimizer: str = "adam") -> TrainOutcome:
+    """Cross-entropy with Adam (fresh each task: devices keep no optimizer state)
+    or plain SGD; with ``proximal_mu > 0`` adds FedProx's term
+    (mu / 2) * ||w - w_global||^2 (Li et al. 2020, arXiv:1812.06127)."""
+    inputs = to_tensors(data, modalities)
+    labels = torch.from_numpy(data.labels.astype(np.int64))
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), batch_size):
+            idx = order[start:start + batch_size]
+            loss = loss_fn(model({m: x[idx] for m, x in inputs.items()}), labels[idx])
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+    return TrainOutcome(len(labels), total / max(batches, 1))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: Split, modalities: Sequence[str],
+                   batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    inputs = to_tensors(data, modalities)
+    out = [model({m: x[s:s + batch_size] for m, x in inputs.items()})
+           for s in range(0, len(data), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(model: nn.Module, data: Split, modalities: Sequence[str]) -> float:
+    logits = predict_logits(model, data, modalities)
+    if len(logits) == 0:
+        return float("nan")
+    return float((logits.argmax(1).numpy() == data.labels).mean())
