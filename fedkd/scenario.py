@@ -103,6 +103,9 @@ class WorldSpec(_Strict):
     battery_floor_j: NonNegativeFloat = Field(
         0.0, description="a device at or below this charge is dead until recharged"
     )
+    revive_fraction: Probability = Field(
+        0.2, description="a flat device wakes again once recharged to this share of its capacity"
+    )
     wait_step_s: PositiveFloat = Field(
         900.0, description="simulated time that passes each time a strategy waits for devices"
     )

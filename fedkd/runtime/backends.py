@@ -34,6 +34,8 @@ def run_ray(spec: BackendSpec, server_app: ServerApp, client_app: ClientApp) -> 
         from flwr.simulation import run_simulation
     except ImportError:
         raise FedkdError('the ray backend needs Ray: pip install "flwr[simulation]"') from None
+    # Ray warns about a future change of GPU env handling on every start; fedkd asks for no GPUs.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     executors = spec.executors or default_executors()
     init_args = {"address": spec.address} if spec.address else {"num_cpus": executors}
     init_args["logging_level"] = logging.ERROR

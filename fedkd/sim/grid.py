@@ -97,7 +97,8 @@ class SimulatedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         # Replies come back in device order, so aggregation sums in a fixed order.
-        return self.pull_messages(self.push_messages(messages))
+        replies = self.pull_messages(self.push_messages(messages))
+        return sorted(replies, key=lambda m: m.metadata.src_node_id)
 
     # -- the simulated world -----------------------------------------------------
     def _run_phase(self, messages: list[Message]) -> list[Message]:

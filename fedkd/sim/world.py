@@ -76,14 +76,17 @@ class DeviceWorld:
         self.idle_w = col("idle_power_w", 0.0)
         self.env = simpy.Environment()
         self._steps = 0  # how many times the population has been advanced; seeds its draws
-        self.lost_to_battery: set[int] = set()
+        # A device whose battery ran flat stays down until it has recharged to
+        # `revive_fraction` of its capacity, as a power manager's brown-out
+        # threshold would keep it (else it would bounce back on a trickle).
+        self.flat = np.zeros(population.size, dtype=bool)
 
     @property
     def now_s(self) -> float:
         return float(self.env.now)
 
     def alive(self) -> np.ndarray:
-        return self.battery_j > self.spec.battery_floor_j
+        return ~self.flat & (self.battery_j > self.spec.battery_floor_j)
 
     def available_ids(self) -> np.ndarray:
         return np.flatnonzero(self.online & self.alive())
@@ -108,6 +111,8 @@ class DeviceWorld:
         finite = np.isfinite(self.capacity_j)
         net_j = (self.recharge_w - self.idle_w) * span_s
         self.battery_j[finite] = np.clip(self.battery_j[finite] + net_j[finite], 0.0, self.capacity_j[finite])
+        self.flat |= self.battery_j <= self.spec.battery_floor_j
+        self.flat &= ~(self.battery_j >= self.spec.revive_fraction * self.capacity_j)
 
     def run_phase(self, costs: list[TaskCost], unreachable: dict[int, str]) -> list[TaskOutcome]:
         """Run one phase: all tasks start now; the clock moves to the phase's end.
@@ -125,7 +130,8 @@ class DeviceWorld:
             for d, reason in unreachable.items()
         }
         self.env.run(until=self.env.all_of([self.env.process(self._task(c, outcomes)) for c in costs]))
-        if any(o.status == FAILED and o.reason != "error" for o in outcomes.values()):
+        silent = any(o.status == FAILED and o.reason != "error" for o in outcomes.values())
+        if silent and self.env.now < start + self.spec.round_deadline_s:
             self.env.run(until=start + self.spec.round_deadline_s)
         idle = np.ones(len(self.online), dtype=bool)
         idle[list(outcomes)] = False
@@ -180,6 +186,6 @@ class DeviceWorld:
         if reason == "offline":
             self.online[device] = False
         if reason == "battery":
-            self.lost_to_battery.add(device)
+            self.flat[device] = True
         outcomes[device] = TaskOutcome(device, FAILED if reason else OK, reason, start, self.env.now,
                                        moved_down, moved_up, spent_j, float(self.battery_j[device]))

@@ -1,0 +1,90 @@
+"""The command line as a user meets it: exit codes, files, determinism."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from fedkd.cli import main
+
+from .conftest import REPO
+
+
+def test_strategies_lists_the_builtins(capsys):
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    assert "fedavg" in out and "fedprox" in out and "arxiv" not in out.lower()
+
+
+def test_validate_ok(write_scenario, tiny_scenario, capsys):
+    assert main(["validate", str(write_scenario(tiny_scenario))]) == 0
+    assert ": ok" in capsys.readouterr().out
+
+
+def test_bad_scenario_exits_2_with_one_line_and_writes_nothing(write_scenario, tiny_scenario, tmp_path):
+    tiny_scenario["world"]["round_deadline_s"] = -5
+    path = write_scenario(tiny_scenario)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedkd", "simulate", str(path), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "world.round_deadline_s" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_strategy_on_the_command_line_exits_2(write_scenario, tiny_scenario, capsys):
+    assert main(["simulate", str(write_scenario(tiny_scenario)), "--strategy", "nope"]) == 2
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+def run_tiny(path, out, *extra):
+    assert main(["simulate", str(path), "--out", str(out), *extra]) == 0
+    return pd.read_csv(out / "rounds.csv")
+
+
+def test_simulate_writes_the_results_contract(write_scenario, tiny_scenario, tmp_path):
+    out = tmp_path / "run"
+    rounds = run_tiny(write_scenario(tiny_scenario), out)
+    assert list(rounds.columns[:9]) == ["strategy", "round", "sim_time_s", "accuracy", "bytes_up",
+                                        "bytes_down", "energy_j", "participants", "dropped"]
+    assert sorted(rounds["strategy"].unique()) == ["fedavg", "fedprox"]
+    assert rounds.groupby("strategy")["round"].max().tolist() == [2, 2]
+    assert (rounds.groupby("strategy")["sim_time_s"].diff().dropna() >= 0).all()
+    devices = pd.read_csv(out / "devices.csv")
+    assert set(devices["status"]) <= {"ok", "failed"} and len(devices) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3 and set(summary["strategies"]) == {"fedavg", "fedprox"}
+    assert summary["versions"]["flwr"].startswith("1.41")
+    for plot in ("accuracy_vs_time.png", "accuracy_vs_bytes.png", "accuracy_vs_energy.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    checker = REPO.parent / "shared" / "tools" / "check-results"
+    if checker.exists():
+        proc = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_same_seed_gives_byte_identical_rounds_csv(write_scenario, tiny_scenario, tmp_path):
+    path = write_scenario(tiny_scenario)
+    run_tiny(path, tmp_path / "a", "--strategy", "fedavg")
+    run_tiny(path, tmp_path / "b", "--strategy", "fedavg")
+    assert (tmp_path / "a" / "rounds.csv").read_bytes() == (tmp_path / "b" / "rounds.csv").read_bytes()
+    run_tiny(path, tmp_path / "c", "--strategy", "fedavg", "--seed", "4")
+    assert (tmp_path / "a" / "rounds.csv").read_bytes() != (tmp_path / "c" / "rounds.csv").read_bytes()
+
+
+def test_strategy_and_rounds_overrides(write_scenario, tiny_scenario, tmp_path):
+    rounds = run_tiny(write_scenario(tiny_scenario), tmp_path / "o", "--strategy", "fedprox", "--rounds", "1")
+    assert rounds["strategy"].unique().tolist() == ["fedprox"] and rounds["round"].max() == 1
+
+
+@pytest.mark.ray
+def test_ray_backend_gives_the_inprocess_accuracy_curve(write_scenario, tiny_scenario, tmp_path):
+    path = write_scenario(tiny_scenario)
+    local = run_tiny(path, tmp_path / "local", "--strategy", "fedavg")
+    ray = run_tiny(path, tmp_path / "ray", "--strategy", "fedavg", "--backend", "ray")
+    assert ray["accuracy"].tolist() == pytest.approx(local["accuracy"].tolist(), abs=1e-6)
+    assert ray["sim_time_s"].tolist() == pytest.approx(local["sim_time_s"].tolist(), rel=1e-9)
