@@ -15,6 +15,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 EXIT_USAGE = 2
 
+# Modules that add a subcommand: each has `register(subparsers)`, which adds a
+# parser whose `func(args) -> int` runs it. Listed explicitly, imported lazily.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
 
 def _progress_printer(stream):
     """A one-line progress bar per strategy on a terminal; nothing otherwise."""
@@ -75,7 +79,8 @@ def cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fedkd", description="Simulate federated and decentralized knowledge distillation on edge devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     strat = sub.add_parser("strategies", help="list the registered strategies")
     strat.set_defaults(func=cmd_strategies)
+
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
