@@ -17,7 +17,7 @@ EXIT_USAGE = 2
 
 # Modules that add a subcommand: each has `register(subparsers)`, which adds a
 # parser whose `func(args) -> int` runs it. Listed explicitly, imported lazily.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fedkd.dataview", "fedkd.compare")
 
 
 def _progress_printer(stream):
@@ -47,9 +47,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_strategies(args) -> int:
-    from .registry import builtin_strategies, resolve_strategy
+    from .registry import registered_strategies, resolve_strategy
 
-    for name in builtin_strategies():
+    for name in registered_strategies():
         ref = resolve_strategy(name)
         print(f"{name:<12} {ref.description}")
     return 0

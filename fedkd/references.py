@@ -4,6 +4,7 @@ a typo fails in a second with the key path, not after an hour of simulation."""
 from __future__ import annotations
 
 from . import data
+from .data.partition import check_partition
 from .errors import FedkdError, ScenarioError
 from .registry import check_params, resolve_strategy, strategy_params
 from .scenario import Scenario
@@ -25,6 +26,7 @@ def check_references(scenario: Scenario, path: str, strict_defaults: bool = True
             if m not in modalities:
                 raise ScenarioError(path, f"population.classes[{i}].modalities",
                                     f"unknown modality {m!r}; dataset {scenario.data.dataset!r} has {list(modalities)}")
+    check_partition(scenario, path, modalities)
     tiers = {c.model_tier or scenario.training.model_tier for c in scenario.population.classes}
     used_defaults: set[str] = set()
     for i, spec in enumerate(scenario.strategies):
@@ -37,6 +39,11 @@ def check_references(scenario: Scenario, path: str, strict_defaults: bool = True
         problem = check_params(ref, params)
         if problem:
             raise ScenarioError(path, f"strategies[{i}].params", problem)
+        try:
+            # Build it once now: a constructor that rejects a value should fail here, not mid-run.
+            ref.cls(**params)
+        except (ValueError, TypeError) as exc:
+            raise ScenarioError(path, f"strategies[{i}].params", f"{spec.name}: {exc}") from None
         if ref.shares_weights and len(tiers) > 1:
             raise ScenarioError(path, f"strategies[{i}]",
                                 f"{spec.name} averages model weights, so all devices need one architecture, "

@@ -36,6 +36,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file owner-only; results are ordinary files, so apply the umask as open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -103,10 +107,20 @@ def summarize(runs: list[StrategyRun], rounds: pd.DataFrame, devices: pd.DataFra
             "strategies": strategies}
 
 
-def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str) -> bytes:
+# Strategies drawn as a dashed horizontal line at their final accuracy: references that
+# move no bytes and take no simulated time, so as points they would pile up at x = 0.
+REFERENCE_STRATEGIES = ("centralized",)
+
+
+def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str, references: frozenset[str] = frozenset()) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for label, group in rounds.groupby("strategy", sort=False):
-        ax.plot(group[x], group["accuracy"], marker="o", markersize=3, label=label)
+    for i, (label, group) in enumerate(rounds.groupby("strategy", sort=False)):
+        color = f"C{i % 10}"  # matplotlib's default cycle, given explicitly: axhline does not advance it
+        if label in references:
+            ax.axhline(group["accuracy"].iloc[-1], linestyle="--", linewidth=1.2, color=color,
+                       label=f"{label} (reference)")
+        else:
+            ax.plot(group[x], group["accuracy"], marker="o", markersize=3, color=color, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
@@ -118,6 +132,87 @@ def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str) -> bytes:
         plt.close(fig)
         buf.seek(0)
         return buf.read()
+
+
+FAILURE_REASONS = ("deadline", "offline", "battery", "error")  # stacking order of the dropout bars
+
+
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    with tempfile.SpooledTemporaryFile() as buf:
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        buf.seek(0)
+        return buf.read()
+
+
+def _battery_per_round(rounds: pd.DataFrame, devices: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per (device class, strategy, round): mean and lowest battery_j, and what they cover.
+
+    From the population snapshot in rounds.csv (``battery_mean_j_<class>``) when the
+    run recorded one, else from the tasks in devices.csv (only the devices chosen).
+    """
+    snapshot = [c for c in rounds.columns if c.startswith("battery_mean_j_")]
+    if snapshot:
+        rows = [{"device_class": c.removeprefix("battery_mean_j_"), "strategy": r["strategy"],
+                 "round": r["round"], "sim_time_s": r["sim_time_s"], "mean": r[c],
+                 "min": r.get(c.replace("_mean_", "_min_"), math.nan)}
+                for c in snapshot for _, r in rounds.iterrows() if pd.notna(r[c])]
+        return pd.DataFrame(rows), "all devices of the class, at each round's end"
+    tasks = devices[devices["battery_j"].astype(float).map(math.isfinite)] if len(devices) else devices
+    if not len(tasks):
+        return pd.DataFrame(), ""
+    per_round = (tasks.groupby(["device_class", "strategy", "round"], sort=False)["battery_j"]
+                 .agg(["mean", "min"]).reset_index()
+                 .merge(rounds[["strategy", "round", "sim_time_s"]], on=["strategy", "round"]))
+    return per_round, "charge left after each task, devices chosen that round"
+
+
+def _battery_plot(rounds: pd.DataFrame, devices: pd.DataFrame, title: str) -> bytes | None:
+    """Mean and lowest battery over simulated time, one panel per battery-powered class."""
+    per_round, covers = _battery_per_round(rounds, devices)
+    if not len(per_round):
+        return None
+    classes = list(dict.fromkeys(per_round["device_class"]))
+    fig, axes = plt.subplots(len(classes), 1, figsize=(8.5, 2.6 * len(classes) + 0.8), dpi=100,
+                             sharex=True, squeeze=False)
+    colors = {label: f"C{i}" for i, label in enumerate(rounds["strategy"].unique())}
+    for ax, name in zip(axes[:, 0], classes):
+        for label, group in per_round[per_round["device_class"] == name].groupby("strategy", sort=False):
+            ax.plot(group["sim_time_s"], group["mean"], marker="o", markersize=3, color=colors[label],
+                    label=f"{label} mean")
+            ax.plot(group["sim_time_s"], group["min"], linestyle="--", color=colors[label], label=f"{label} lowest")
+        ax.set_ylabel(f"{name}\nbattery (J)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("simulated time (s)")
+    axes[0, 0].set_title(f"{title}: battery, {covers}", fontsize="medium")
+    return _png(fig)
+
+
+def _dropouts_plot(rounds: pd.DataFrame, devices: pd.DataFrame, title: str) -> bytes | None:
+    """Failed tasks per round, stacked by reason, one panel per strategy."""
+    if not len(rounds):
+        return None
+    labels = list(rounds["strategy"].unique())
+    failed = devices[devices["status"] == "failed"] if len(devices) else devices
+    fig, axes = plt.subplots(len(labels), 1, figsize=(8.5, 2.4 * len(labels) + 0.8), dpi=100,
+                             sharex=True, squeeze=False)
+    for ax, label in zip(axes[:, 0], labels):
+        round_numbers = rounds.loc[rounds["strategy"] == label, "round"].to_numpy()
+        mine = failed[failed["strategy"] == label] if len(failed) else failed
+        bottom = pd.Series(0, index=round_numbers)
+        for i, reason in enumerate(FAILURE_REASONS):
+            counts = (mine[mine["reason"] == reason].groupby("round").size() if len(mine) else pd.Series(dtype=int))
+            counts = counts.reindex(round_numbers, fill_value=0)
+            ax.bar(round_numbers, counts.to_numpy(), bottom=bottom.to_numpy(), color=f"C{i}", label=reason)
+            bottom += counts.to_numpy()
+        ax.set_ylabel(f"{label}\nfailed tasks")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("round")
+    axes[0, 0].set_title(f"{title}: dropouts per round by reason")
+    return _png(fig)
 
 
 def versions() -> dict[str, str]:
@@ -146,9 +241,15 @@ def write_results(out_dir: Path, runs: list[StrategyRun], header: dict[str, Any]
     put("devices.csv", devices.to_csv(index=False, lineterminator="\n").encode())
     summary = summarize(runs, rounds, devices, header)
     put("summary.json", json.dumps(_finite(summary), indent=2, allow_nan=False).encode() + b"\n")
+    references = frozenset(r.label for r in runs if r.strategy in REFERENCE_STRATEGIES)
     for name, (x, xlabel) in PLOTS.items():
         if len(rounds):
-            put(name, _plot(rounds, x, xlabel, f"{header.get('scenario', '')}: accuracy vs {xlabel.split(' (')[0]}"))
+            put(name, _plot(rounds, x, xlabel, f"{header.get('scenario', '')}: accuracy vs {xlabel.split(' (')[0]}",
+                            references))
+    for name, plot in (("battery.png", _battery_plot), ("dropouts.png", _dropouts_plot)):
+        png = plot(rounds, devices, header.get("scenario", ""))
+        if png is not None:
+            put(name, png)
     return written
 
 

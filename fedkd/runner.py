@@ -26,7 +26,9 @@ def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, ro
     if strategies:
         # A strategy the scenario names keeps its params there; others get their defaults.
         named = {s["name"]: s for s in data["strategies"]} | {s["label"]: s for s in data["strategies"] if s["label"]}
-        data["strategies"] = [named.get(n, {"name": n}) for n in strategies]
+        # A strategy given as module:Class or file.py:Class is labelled by its class name.
+        data["strategies"] = [named.get(n, {"name": n, "label": n.rpartition(":")[2] if ":" in n else None})
+                              for n in strategies]
     updated = parse_scenario(data, f"{path} (with command-line overrides)")
     check_references(updated, path, strict_defaults=not strategies)
     return updated

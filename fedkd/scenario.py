@@ -41,6 +41,39 @@ class PartitionSpec(_Strict):
     by_domain: bool = Field(
         False, description="each device sees one domain (e.g. one camera) of the dataset"
     )
+    disjoint: bool = Field(
+        False, description="no two shards share a sample (dealt once per process, O(train size)); "
+        "needs devices * min_samples <= train samples"
+    )
+    modality_mix: dict[str, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        None, description="share of devices per modality set, e.g. {camera: 0.6, sensor: 0.3, "
+        "camera+sensor: 0.1}; used for devices whose class leaves `modalities` null"
+    )
+
+    @field_validator("modality_mix")
+    @classmethod
+    def _mix_is_a_distribution(cls, mix: dict[str, float] | None) -> dict[str, float] | None:
+        if mix is None:
+            return None
+        if not mix:
+            raise ValueError("expected at least one modality set, or null")
+        seen: dict[frozenset[str], str] = {}
+        for key in mix:
+            names = modality_set(key)
+            if not all(names) or len(set(names)) != len(names):
+                raise ValueError(f"{key!r}: expected distinct modality names joined by '+', e.g. 'camera+sensor'")
+            if frozenset(names) in seen:
+                raise ValueError(f"{key!r} and {seen[frozenset(names)]!r} name the same modality set")
+            seen[frozenset(names)] = key
+        total = sum(mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"shares must sum to 1, they sum to {total:g}")
+        return mix
+
+
+def modality_set(key: str) -> tuple[str, ...]:
+    """The modality names in a ``modality_mix`` key: ``"camera+sensor"`` -> ``("camera", "sensor")``."""
+    return tuple(name.strip() for name in key.split("+"))
 
 
 class DataSpec(_Strict):
@@ -57,6 +90,56 @@ class AvailabilitySpec(_Strict):
 
     mean_online_s: PositiveFloat = 3600.0
     mean_offline_s: PositiveFloat = 600.0
+
+
+HourOfDay = Annotated[float, Field(ge=0, le=24, allow_inf_nan=False)]
+HourlyFactors = Annotated[list[PositiveFloat], Field(min_length=24, max_length=24)]
+
+
+class ChargingWindowSpec(_Strict):
+    """Plugged in from ``start_hour`` to ``end_hour`` every day (past midnight if start > end)."""
+
+    start_hour: HourOfDay
+    end_hour: HourOfDay
+    power_w: PositiveFloat
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "ChargingWindowSpec":
+        if self.start_hour % 24 == self.end_hour % 24:
+            raise ValueError("start_hour and end_hour are the same hour; for all-day charging "
+                             "use recharge_power_w")
+        return self
+
+
+class SolarSpec(_Strict):
+    """A solar panel: power follows a half-sine from sunrise to sunset, ``peak_w`` at midday."""
+
+    peak_w: PositiveFloat
+    sunrise_hour: HourOfDay = 6.0
+    sunset_hour: HourOfDay = 20.0
+
+    @model_validator(mode="after")
+    def _day_has_length(self) -> "SolarSpec":
+        if self.sunrise_hour >= self.sunset_hour:
+            raise ValueError(f"sunrise_hour ({self.sunrise_hour:g}) must come before sunset_hour "
+                             f"({self.sunset_hour:g})")
+        return self
+
+
+class QualityStateSpec(_Strict):
+    """One state of a class's Markov-modulated link and compute quality (see fedkd.sim.quality)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    mean_duration_s: PositiveFloat
+    bandwidth_factor: PositiveFloat = Field(1.0, description="multiplies uplink_bps and downlink_bps")
+    compute_factor: PositiveFloat = Field(1.0, description="multiplies compute_flops")
+
+
+class DiurnalSpec(_Strict):
+    """Multipliers by hour of day (24 numbers, the first for 0:00-1:00) of the class's means."""
+
+    bandwidth_factor: HourlyFactors | None = None
+    compute_factor: HourlyFactors | None = None
 
 
 class DeviceClassSpec(_Strict):
@@ -79,8 +162,37 @@ class DeviceClassSpec(_Strict):
     energy_per_byte_up_j: NonNegativeFloat = 1e-6
     energy_per_byte_down_j: NonNegativeFloat = 5e-7
     idle_power_w: NonNegativeFloat = 0.0
-    recharge_power_w: NonNegativeFloat = 0.0
+    recharge_power_w: NonNegativeFloat = Field(0.0, description="constant trickle charge")
+    charging_windows: list[ChargingWindowSpec] = Field(
+        default_factory=list, description="daily hours on a charger; adds to recharge_power_w"
+    )
+    solar: SolarSpec | None = Field(None, description="a panel following the sun; adds to the rest")
     availability: AvailabilitySpec = AvailabilitySpec()
+    quality: list[QualityStateSpec] | None = Field(
+        None, description="Markov-modulated link/compute states; null = always the class's means"
+    )
+    diurnal: DiurnalSpec | None = Field(None, description="bandwidth and speed by hour of day")
+    trace: str | None = Field(
+        None, description="CSV replayed by the class's devices (format: fedkd.sim.traces, README)"
+    )
+
+    @field_validator("quality")
+    @classmethod
+    def _state_names_unique(cls, states: list[QualityStateSpec] | None) -> list[QualityStateSpec] | None:
+        if states is not None:
+            names = [s.name for s in states]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"expected at least one state, with unique names, got {names}")
+        return states
+
+    @field_validator("trace")
+    @classmethod
+    def _trace_loads(cls, path: str | None) -> str | None:
+        if path is not None:
+            from .sim.traces import load_trace  # numpy; only when a class has a trace
+
+            load_trace(path)  # a TraceError is a ValueError: reported under this key
+        return path
 
 
 class PopulationSpec(_Strict):
@@ -98,6 +210,17 @@ class PopulationSpec(_Strict):
         return self
 
 
+class TelemetrySpec(_Strict):
+    """What devices report about themselves, for allocators (see fedkd.sim.telemetry)."""
+
+    report_interval_s: PositiveFloat | None = Field(
+        None, description="online devices also report every this many seconds; null = only after a task"
+    )
+    noise_sigma: NonNegativeFloat = Field(
+        0.0, description="log-normal spread of reported battery, bandwidth and speed"
+    )
+
+
 class WorldSpec(_Strict):
     round_deadline_s: PositiveFloat = 600.0
     battery_floor_j: NonNegativeFloat = Field(
@@ -112,6 +235,21 @@ class WorldSpec(_Strict):
     max_wait_s: PositiveFloat = Field(
         6 * 3600.0, description="give up on a strategy after waiting this long for devices"
     )
+    start_hour: float = Field(
+        8.0, ge=0, lt=24, allow_inf_nan=False,
+        description="hour of day at simulated time 0 (charging windows, solar, diurnal factors)"
+    )
+    telemetry: TelemetrySpec = TelemetrySpec()
+
+
+class SelfDistillSpec(_Strict):
+    """LSSKD-style layered self-distillation during local training (see fedkd.self_distill)."""
+
+    weight: PositiveFloat = Field(0.3, description="weight of the auxiliary heads' loss")
+    temperature: PositiveFloat = Field(3.0, description="softening of the deeper classifier's output")
+    ensemble_teaches_final: bool = Field(
+        False, description="the mean of the heads' softened outputs also teaches the final classifier"
+    )
 
 
 class TrainingSpec(_Strict):
@@ -120,6 +258,9 @@ class TrainingSpec(_Strict):
     learning_rate: PositiveFloat = 0.003
     optimizer: Literal["adam", "sgd"] = "adam"
     model_tier: Literal["tiny", "small", "base"] = "small"
+    self_distillation: SelfDistillSpec | None = Field(
+        None, description="auxiliary self-distillation heads in local training; null = off"
+    )
 
 
 class StrategySpec(_Strict):
@@ -139,6 +280,23 @@ class BackendSpec(_Strict):
     timeout_s: PositiveFloat = 3600.0
 
 
+class TopologySpec(_Strict):
+    """Edge -> fog -> cloud: devices attach to fog nodes, fogs to the cloud.
+
+    Only strategies that aggregate at the fog use the fog links; for the
+    others a fog simply relays, which costs nothing here.
+    """
+
+    fogs: PositiveInt
+    assign: Literal["by_domain", "hash"] = Field(
+        "by_domain", description="fog = the device's data domain (e.g. its camera area), or a hash")
+    uplink_bps: PositiveFloat = Field(2.0e7, description="fog -> cloud")
+    downlink_bps: PositiveFloat = Field(5.0e7, description="cloud -> fog")
+    latency_s: NonNegativeFloat = 0.05
+    compute_flops: PositiveFloat = Field(5.0e10, description="a fog node's sustained FLOP/s")
+    energy_per_byte_j: NonNegativeFloat = Field(1.0e-7, description="backhaul energy per byte, both ways")
+
+
 class Scenario(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
@@ -153,6 +311,7 @@ class Scenario(_Strict):
     )
     strategies: Annotated[list[StrategySpec], Field(min_length=1)]
     backend: BackendSpec = BackendSpec()
+    topology: TopologySpec | None = None
 
     @field_validator("strategies", mode="before")
     @classmethod

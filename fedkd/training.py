@@ -6,6 +6,7 @@ device's update is the same in any process and under any backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .data.base import Split
+from .self_distill import AuxiliaryHeads
 
 
 def to_tensors(split: Split, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -23,36 +25,49 @@ def to_tensors(split: Split, modalities: Sequence[str]) -> dict[str, torch.Tenso
 class TrainOutcome:
     num_examples: int
     mean_loss: float
+    extra_flops: float = 0.0  # spent beyond the model's own training (self-distillation heads)
 
 
 def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epochs: int,
                 batch_size: int, learning_rate: float, seed: int,
-                proximal_mu: float = 0.0, optimizer: str = "adam") -> TrainOutcome:
+                proximal_mu: float = 0.0, optimizer: str = "adam",
+                self_distillation=None) -> TrainOutcome:
     """Cross-entropy with Adam (fresh each task: devices keep no optimizer state)
     or plain SGD; with ``proximal_mu > 0`` adds FedProx's term
-    (mu / 2) * ||w - w_global||^2 (Li et al. 2020, arXiv:1812.06127)."""
+    (mu / 2) * ||w - w_global||^2 (Li et al. 2020, arXiv:1812.06127).
+
+    ``self_distillation`` (a ``SelfDistillSpec``; None = off) trains auxiliary
+    heads alongside and adds their loss (fedkd.self_distill); the heads are
+    dropped at the end and their FLOPs returned as ``extra_flops``."""
     inputs = to_tensors(data, modalities)
     labels = torch.from_numpy(data.labels.astype(np.int64))
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(model.parameters(), lr=learning_rate)
+    heads = AuxiliaryHeads(model, seed) if self_distillation is not None else None
+    params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     total, batches = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), batch_size):
-            idx = order[start:start + batch_size]
-            loss = loss_fn(model({m: x[idx] for m, x in inputs.items()}), labels[idx])
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            batches += 1
-    return TrainOutcome(len(labels), total / max(batches, 1))
+    with heads.attached() if heads is not None else nullcontext():
+        for _ in range(epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            for start in range(0, len(labels), batch_size):
+                idx = order[start:start + batch_size]
+                logits = model({m: x[idx] for m, x in inputs.items()})
+                loss = loss_fn(logits, labels[idx])
+                if heads is not None:
+                    loss = loss + heads.regularizer(logits, labels[idx], self_distillation)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                    loss = loss + 0.5 * proximal_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                batches += 1
+    extra = heads.train_flops_per_sample(modalities) * len(labels) * epochs if heads is not None else 0.0
+    return TrainOutcome(len(labels), total / max(batches, 1), float(extra))
 
 
 @torch.no_grad()

@@ -8,4 +8,10 @@ value is ``module:Class``. Third-party packages add theirs through the
 BUILTIN: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedprox": "strategies.fedprox:FedProx",
+    "fedmd": "strategies.fedmd:FedMD",
+    "dsfl": "strategies.dsfl:DSFL",
+    "teacher_kd": "strategies.teacher_kd:TeacherKD",
+    "feddf": "strategies.feddf:FedDF",
+    "centralized": "strategies.centralized:Centralized",
+    "ra_cmkd": "strategies.ra_cmkd:RACMKD",
 }

@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from fedkd.data.av_digits import AVDigits, package_file, pair_by_class, stratified_split_indices
+from fedkd.data.av_digits import AVDigits, package_file, pair_by_class
 from fedkd.data.base import SPLIT_NAMES
+from fedkd.data.splits import stratified_split_indices
 from fedkd.errors import FedkdError
 from fedkd.seeding import rng_for
 

@@ -13,8 +13,10 @@ from PIL import Image
 
 import fedkd.data.patch_folders as patch_folders
 from fedkd.data.base import SPLIT_NAMES
+from fedkd.data.partition import Partitioner
 from fedkd.data.patch_folders import PatchFolderDataset
 from fedkd.errors import FedkdError
+from fedkd.scenario import PartitionSpec
 
 PER_GROUP = 5  # patches per (camera or lot, class)
 DARK, BRIGHT = 30, 220
@@ -238,3 +240,19 @@ def test_unknown_layout_name_is_a_fedkd_error(tmp_path: Path) -> None:
     make_pklot(tmp_path)
     # Execute / Assert
     assert "layout='parking'" in _error_message(tmp_path, layout="parking")
+
+
+def test_partition_by_camera_deals_each_device_one_camera_without_overlap(tmp_path: Path) -> None:
+    # Prepare: 12 train patches, 6 per camera; 4 devices of at least 2 patches each.
+    make_cnrpark(tmp_path)
+    train = PatchFolderDataset(tmp_path).split("train")
+    spec = PartitionSpec(by_domain=True, disjoint=True, samples_per_device=3, quantity_sigma=0.0, min_samples=2)
+    partitioner = Partitioner(spec, train.labels, train.domains, 2, seed=0, num_devices=4)
+    # Execute
+    shards = [partitioner.shard(i) for i in range(4)]
+    # Assert
+    for shard in shards:
+        assert set(train.domains[shard.indices]) == {shard.domain}
+    assert sorted(s.domain for s in shards) == [0, 0, 1, 1]  # two devices per camera: equal sizes
+    flat = np.concatenate([s.indices for s in shards])
+    assert len(flat) == len(set(flat.tolist())) == 12

@@ -35,8 +35,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from fedkd.data.av_digits import check_fractions, stratified_split_indices
 from fedkd.data.base import SPLIT_NAMES, Dataset, ModalitySpec, Split, SplitName
+from fedkd.data.splits import check_fractions, stratified_split_indices
 from fedkd.errors import FedkdError
 from fedkd.seeding import rng_for
 

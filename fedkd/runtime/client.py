@@ -7,15 +7,21 @@ and model size from the scenario. It reports the FLOPs it spent
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..runtime.records import COST, PREFIX, cost_record, task_of
+from ..codecs import decode_any, get_codec
+from ..device_models import model_key, pack, unpack
+from ..distill import distill_on
+from ..runtime.records import COST, PREFIX, STATE, cost_record, task_of
 from ..scenario import Scenario
 from ..seeding import derive_seed
-from ..training import accuracy, train_local
+from ..training import accuracy, predict_logits, train_local
+from .architectures import handle_train_own_architecture
 from .context import simulation_context
+from .teacher_client import handle_teacher, handle_teacher_query
 
 
 def _strategy_records(message: Message) -> tuple[str, ArrayRecord, ConfigRecord]:
@@ -42,8 +48,10 @@ def handle_train(scenario: Scenario, message: Message) -> Message:
         learning_rate=float(config.get("learning-rate", training.learning_rate)),
         seed=derive_seed(scenario.seed, "train", server_round, device_id),
         proximal_mu=float(config.get("proximal-mu", 0.0)), optimizer=training.optimizer,
+        self_distillation=training.self_distillation,
     )
-    flops = ctx.train_flops_per_sample(device.model_tier, device.modalities) * outcome.num_examples * epochs
+    flops = (ctx.train_flops_per_sample(device.model_tier, device.modalities) * outcome.num_examples * epochs
+             + outcome.extra_flops)
     return Message(RecordDict({
         key: ArrayRecord(model.state_dict()),
         "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss}),
@@ -66,6 +74,78 @@ def handle_evaluate(scenario: Scenario, message: Message) -> Message:
     }), reply_to=message)
 
 
+def handle_logits(scenario: Scenario, message: Message) -> Message:
+    """One round of a logit-exchange strategy on one device (FedMD's loop, pipelined).
+
+    1. digest: distill the device's own model towards the server's targets on
+       the public samples they refer to (``target-indices``, ``targets``);
+    2. revisit: train on the device's private shard;
+    3. communicate: predict the public samples in ``public-indices`` with the
+       device's own sensors and send the logits through the chosen codec.
+    The device's model is its own (any architecture) and travels as its state.
+    """
+    task = task_of(message)
+    device_id, server_round = int(task["device_id"]), int(task["round"])
+    ctx = simulation_context(scenario)
+    device = ctx.device(device_id)
+    config = _strategy_records_config(message)
+    training = scenario.training
+    # A plan may ask for one of the device's sensors only, or another model size.
+    tier = str(config.get("model-tier", device.model_tier))
+    modalities = tuple(str(config["modality"]).split("+")) if "modality" in config else device.modalities
+    if not set(modalities) <= set(device.modalities):
+        raise ValueError(f"device {device_id} senses {device.modalities}, not {modalities}")
+    key = model_key(tier, modalities)
+    model = ctx.new_model(tier, seed=derive_seed(scenario.seed, "device-model", device_id, key),
+                          modalities=modalities)
+    public = ctx.dataset.split("public")
+    lr = float(config.get("learning-rate", training.learning_rate))
+    per_sample = ctx.train_flops_per_sample(tier, modalities)
+    flops, distill_loss = 0.0, 0.0
+    state = message.content.get(STATE)
+    weights = unpack(state, key)
+    if weights is not None:
+        model.load_state_dict(weights)
+    elif int(config.get("public-pretrain-epochs", 0)) > 0:
+        # FedMD's transfer-learning step: a new device first learns the labelled public set.
+        epochs = int(config["public-pretrain-epochs"])
+        train_local(model, public, modalities, epochs=epochs, batch_size=training.batch_size,
+                    learning_rate=lr, seed=derive_seed(scenario.seed, "pretrain", device_id),
+                    optimizer=training.optimizer)
+        flops += per_sample * len(public) * epochs
+    if "targets" in config:
+        target_idx = np.asarray(config["target-indices"], dtype=np.int64)
+        targets = decode_any(bytes(config["targets"]))
+        epochs = int(config.get("distill-epochs", 1))
+        distill_loss = distill_on(model, public.subset(target_idx), modalities, targets,
+                                  epochs=epochs, batch_size=training.batch_size, learning_rate=lr,
+                                  temperature=float(config.get("temperature", 1.0)),
+                                  seed=derive_seed(scenario.seed, "digest", server_round, device_id))
+        flops += per_sample * len(target_idx) * epochs
+    epochs = int(config.get("local-epochs", training.local_epochs))
+    outcome = train_local(model, device.data, modalities, epochs=epochs,
+                          batch_size=training.batch_size, learning_rate=lr,
+                          seed=derive_seed(scenario.seed, "train", server_round, device_id),
+                          optimizer=training.optimizer, self_distillation=training.self_distillation)
+    flops += per_sample * outcome.num_examples * epochs + outcome.extra_flops
+    public_idx = np.asarray(config["public-indices"], dtype=np.int64)
+    logits = predict_logits(model, public.subset(public_idx), modalities).numpy()
+    flops += ctx.forward_flops_per_sample(tier, modalities) * len(public_idx)
+    payload = get_codec(str(config.get("codec", "fp32"))).encode(logits)
+    return Message(RecordDict({
+        "logits": ConfigRecord({"payload": payload}),
+        "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
+                                 "distill-loss": distill_loss}),
+        STATE: pack(state, key, model.state_dict()),
+        COST: cost_record(flops),
+    }), reply_to=message)
+
+
+def _strategy_records_config(message: Message) -> ConfigRecord:
+    configs = [v for k, v in message.content.config_records.items() if not k.startswith(PREFIX)]
+    return configs[0] if configs else ConfigRecord()
+
+
 def make_client_app(scenario: Scenario) -> ClientApp:
     """A ClientApp bound to ``scenario``; the closure holds only the (small) scenario."""
     app = ClientApp()
@@ -76,6 +156,26 @@ def make_client_app(scenario: Scenario) -> ClientApp:
         # running side by side do not fight over cores.
         torch.set_num_threads(1)
         return handle_train(scenario, message)
+
+    @app.train("logits")
+    def train_logits(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        return handle_logits(scenario, message)
+
+    @app.train("architecture")
+    def train_architecture(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        return handle_train_own_architecture(scenario, message)
+
+    @app.train("teacher")
+    def train_teacher(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        return handle_teacher(scenario, message)
+
+    @app.query("teacher")
+    def query_teacher(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        return handle_teacher_query(scenario, message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

@@ -13,6 +13,7 @@ from ..data.partition import Partitioner
 from ..models import build_model, measure_cost
 from ..models.multimodal import MultimodalNet
 from ..scenario import Scenario
+from ..seeding import hashed_uniform
 from ..sim.population import Population
 
 
@@ -44,7 +45,7 @@ class SimulationContext:
     def partitioner(self) -> Partitioner:
         train = self.dataset.split("train")
         return Partitioner(self.scenario.data.partition, train.labels, train.domains,
-                           self.dataset.num_classes, self.scenario.seed)
+                           self.dataset.num_classes, self.scenario.seed, self.scenario.population.devices)
 
     @cached_property
     def test_split(self) -> Split:
@@ -52,17 +53,46 @@ class SimulationContext:
         limit = self.scenario.data.test_samples
         return test if limit is None or limit >= len(test) else test.subset(np.arange(limit))
 
+    def modalities_of(self, device_id: int) -> tuple[str, ...]:
+        """What a device senses, in dataset order.
+
+        Its device class's ``modalities`` when the class fixes them (they take
+        precedence), else its draw from ``data.partition.modality_mix``, else all.
+        """
+        chosen = (self.population.class_of(device_id).modalities
+                  or self.partitioner.modalities_of(device_id) or self.dataset.modality_names)
+        return tuple(m for m in self.dataset.modality_names if m in chosen)
+
     def device(self, device_id: int) -> DeviceView:
         device_class = self.population.class_of(device_id)
-        modalities = tuple(device_class.modalities or self.dataset.modality_names)
+        modalities = self.modalities_of(device_id)
         shard = self.partitioner.shard(device_id)
         tier = device_class.model_tier or self.scenario.training.model_tier
-        return DeviceView(device_id, device_class.name, modalities, tier,
-                          self.dataset.split("train").subset(shard.indices))
+        train = self.dataset.split("train")
+        # A device holds only what it senses: the other modalities' inputs are not in its shard.
+        sensed = Split({m: train.inputs[m] for m in modalities}, train.labels, train.domains, train.meta)
+        return DeviceView(device_id, device_class.name, modalities, tier, sensed.subset(shard.indices))
 
-    def new_model(self, tier: str) -> MultimodalNet:
-        return build_model(self.dataset.modalities, self.dataset.num_classes, tier,
-                           seed=self.scenario.seed)
+    def fog_of(self, device_id: int) -> int | None:
+        """The fog node a device is attached to; None without a topology."""
+        topology = self.scenario.topology
+        if topology is None:
+            return None
+        domain = self.partitioner.domain_of(device_id) if topology.assign == "by_domain" else None
+        if domain is not None:
+            return int(domain) % topology.fogs
+        return int(hashed_uniform(np.array([device_id]), self.scenario.seed, "fog")[0] * topology.fogs)
+
+    def new_model(self, tier: str, seed: int | None = None,
+                  modalities: tuple[str, ...] | None = None) -> MultimodalNet:
+        """A fresh model with an encoder for each of ``modalities`` (all by default).
+
+        The global model's seed by default; a device's own when given, so that
+        devices with their own models start apart.
+        """
+        specs = [m for m in self.dataset.modalities if modalities is None or m.name in modalities]
+        return build_model(specs, self.dataset.num_classes, tier,
+                           seed=self.scenario.seed if seed is None else seed)
 
     def train_flops_per_sample(self, tier: str, modalities: tuple[str, ...]) -> int:
         return measure_cost(self.dataset.modalities, self.dataset.num_classes, tier,

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+import numpy as np
+
+from ..device_models import model_key, model_keys, parse_key, unpack
+from ..logit_exchange import PublicSet
 from ..registry import resolve_strategy, strategy_params
+from ..seeding import derive_seed
 from ..results import RoundRecord, StrategyRun
 from ..scenario import Scenario, StrategySpec
-from ..sim.grid import PopulationExhausted, SimulatedGrid
+from ..sim.grid import NodeProfile, PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
 from ..sim.world import DeviceWorld
 from ..training import predict_logits
@@ -36,8 +41,33 @@ class StrategyJob:
         return self.scenario.rounds
 
 
-def evaluate_global(ctx: SimulationContext, arrays: ArrayRecord) -> tuple[float, dict[str, float]]:
-    """Accuracy of a global model on the test split, with all modalities and each alone."""
+def sensor_shares(ctx: SimulationContext) -> dict[tuple[str, ...], float]:
+    """Share of the population sensing each modality set: the weights of the headline accuracy."""
+    from .architectures import population_architectures
+
+    counts: dict[tuple[str, ...], int] = {}
+    for arch, n in population_architectures(ctx).items():
+        counts[arch.modalities] = counts.get(arch.modalities, 0) + n
+    total = sum(counts.values())
+    return {mods: n / total for mods, n in sorted(counts.items())}
+
+
+def headline(per_set: dict[tuple[str, ...], float], shares: dict[tuple[str, ...], float]) -> float:
+    """The accuracy a random device of the population gets: per-sensor-set accuracies
+    weighted by how many devices sense that set (sets not scored are left out)."""
+    scored = {mods: share for mods, share in shares.items() if mods in per_set}
+    return float(sum(per_set[m] * w for m, w in scored.items()) / sum(scored.values()))
+
+
+def evaluate_global(ctx: SimulationContext, arrays: ArrayRecord,
+                    shares: dict[tuple[str, ...], float] | None = None) -> tuple[float, dict[str, float]]:
+    """A global model scored as the devices use it: each fed only the sensors it has.
+
+    ``accuracy`` weights each sensor set by its share of the population, so it
+    is comparable with strategies whose devices keep their own models; the
+    model fed every modality is ``accuracy_all_modalities``.
+    """
+    shares = shares or sensor_shares(ctx)
     model = ctx.new_model(ctx.scenario.training.model_tier)
     model.load_state_dict(arrays.to_torch_state_dict())
     test = ctx.test_split
@@ -46,9 +76,65 @@ def evaluate_global(ctx: SimulationContext, arrays: ArrayRecord) -> tuple[float,
     def acc(modalities) -> float:
         return float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
 
-    overall = acc(names)
-    per_modality = {f"accuracy_{m}": acc((m,)) for m in names} if len(names) > 1 else {}
-    return overall, per_modality
+    per_set = {mods: acc(mods) for mods in shares}
+    metrics = {f"accuracy_{'+'.join(mods)}_devices": a for mods, a in per_set.items()}
+    metrics["accuracy_all_modalities"] = per_set.get(names, None) or acc(names)
+    if len(names) > 1:
+        metrics.update({f"accuracy_{m}": per_set.get((m,), None) or acc((m,)) for m in names})
+    return headline(per_set, shares), metrics
+
+
+def node_profile(ctx: SimulationContext, device_id: int) -> NodeProfile:
+    device_class = ctx.population.class_of(device_id)
+    tier = device_class.model_tier or ctx.scenario.training.model_tier
+    return NodeProfile(device_id, device_class.name, tier, ctx.modalities_of(device_id), ctx.fog_of(device_id))
+
+
+# How many device models a logit-exchange strategy is scored on each round.
+DEVICE_PANEL = 24
+
+
+def evaluate_devices(ctx: SimulationContext, device_state: dict,
+                     shares: dict[tuple[str, ...], float] | None = None) -> tuple[float, dict[str, float]]:
+    """Mean test accuracy of the devices' own models, each with its own sensors.
+
+    A fixed panel: the lowest ids among devices that have a model (before any
+    has, fresh models of the first devices), so the curve follows the same
+    devices from round to round once they have joined. A device holding
+    several models (sizes or sensors an allocator asked for) counts with its
+    best one, the one it would run. ``accuracy`` weights each sensor set's
+    mean by its share of the population, as for a global model.
+    """
+    shares = shares or sensor_shares(ctx)
+    panel = sorted(device_state)[:DEVICE_PANEL] or list(range(min(DEVICE_PANEL, ctx.population.size)))
+    test = ctx.test_split
+    scores: list[tuple[float, str, str]] = []
+    for device_id in panel:
+        device = ctx.device(device_id)
+        state = device_state.get(device_id)
+        keys = model_keys(state) or [model_key(device.model_tier, device.modalities)]
+        best = None
+        for key in keys:
+            tier, modalities = parse_key(key)
+            model = ctx.new_model(tier, seed=derive_seed(ctx.scenario.seed, "device-model", device_id, key),
+                                  modalities=modalities)
+            weights = unpack(state, key)
+            if weights is not None:
+                model.load_state_dict(weights)
+            acc = float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
+            if best is None or acc > best[0]:
+                best = (acc, tier, "+".join(modalities))
+        scores.append(best)
+    accuracies = np.array([a for a, _, _ in scores])
+    metrics = {"accuracy_min": float(accuracies.min()), "evaluated_devices": float(len(scores))}
+    for tier in sorted({t for _, t, _ in scores}):
+        metrics[f"accuracy_tier_{tier}"] = float(np.mean([a for a, t, _ in scores if t == tier]))
+    per_set = {}
+    for mods in sorted({m for _, _, m in scores}):
+        per_set[tuple(mods.split("+"))] = float(np.mean([a for a, _, m in scores if m == mods]))
+        metrics[f"accuracy_{mods}_devices"] = per_set[tuple(mods.split("+"))]
+    metrics["accuracy_panel_mean"] = float(accuracies.mean())
+    return headline(per_set, shares), metrics
 
 
 def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = None) -> StrategyRun:
@@ -56,13 +142,30 @@ def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = Non
     ctx = simulation_context(scenario)
     world = DeviceWorld(ctx.population, scenario.world, scenario.seed)
     recorder = RoundRecorder(label, job.spec.name, world)
-    grid = SimulatedGrid(executors, world, recorder, scenario.seed, scenario.backend.timeout_s)
+    grid = SimulatedGrid(executors, world, recorder, scenario.seed, scenario.backend.timeout_s,
+                         describe=lambda device_id: node_profile(ctx, device_id), topology=scenario.topology)
     ref = resolve_strategy(job.spec.name)
     strategy = ref.cls(**strategy_params(ref, scenario.strategy_defaults, job.spec.params))
+    # Optional fedkd hooks a strategy may define (Flower's own strategies have none):
+    # fedkd_bind(PublicSet): the shared public set; fedkd_attach_server(ctx): the
+    # server's own data and model builders; fedkd_evaluate(ctx, device_state):
+    # how to score the strategy's models, when neither a global model nor the
+    # devices' own models are the answer.
+    if hasattr(strategy, "fedkd_bind"):
+        strategy.fedkd_bind(PublicSet(len(ctx.dataset.split("public")), ctx.dataset.num_classes, scenario.seed))
+    if hasattr(strategy, "fedkd_attach_server"):
+        strategy.fedkd_attach_server(ctx)
     initial = ArrayRecord(ctx.new_model(scenario.training.model_tier).state_dict())
+    shares = sensor_shares(ctx)
 
     def close_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        accuracy, metrics = evaluate_global(ctx, arrays)
+        scored = strategy.fedkd_evaluate(ctx, grid.device_state) if hasattr(strategy, "fedkd_evaluate") else None
+        if scored is not None:
+            accuracy, metrics = scored
+        elif ref.shares_weights:
+            accuracy, metrics = evaluate_global(ctx, arrays, shares)
+        else:
+            accuracy, metrics = evaluate_devices(ctx, grid.device_state, shares)
         record = recorder.close_round(server_round, accuracy, metrics)
         if progress:
             progress(label, record, job.rounds)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -21,8 +22,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from ..runtime.records import STATE, payload_bytes, reported_flops, strategy_view, with_task
+from ..scenario import TopologySpec
 from ..seeding import derive_seed
 from .recorder import RoundRecorder
+from .telemetry import Telemetry
 from .world import OK, DeviceWorld, TaskCost
 
 ERROR_CODES = {
@@ -33,14 +36,27 @@ ERROR_CODES = {
 }
 
 
+@dataclass(frozen=True)
+class NodeProfile:
+    """What a device declares when it registers: never its battery or link, which change."""
+
+    device_id: int
+    device_class: str
+    model_tier: str
+    modalities: tuple[str, ...]
+    fog: int | None = None  # the fog node it is attached to; None without a topology
+
+
 class PopulationExhausted(RuntimeError):
     """The strategy waited longer than the scenario allows for enough devices."""
 
 
 class SimulatedGrid(Grid):
     def __init__(self, executors: Grid, world: DeviceWorld, recorder: RoundRecorder, seed: int,
-                 timeout_s: float):
+                 timeout_s: float, describe: Callable[[int], NodeProfile] | None = None,
+                 topology: TopologySpec | None = None):
         self.executors, self.world, self.recorder = executors, world, recorder
+        self._describe, self.topology = describe, topology
         self.seed, self.timeout_s = seed, timeout_s
         self.device_state: dict[int, object] = {}  # only devices that have state take room
         self._replies: dict[str, Message] = {}
@@ -99,6 +115,34 @@ class SimulatedGrid(Grid):
         # Replies come back in device order, so aggregation sums in a fixed order.
         replies = self.pull_messages(self.push_messages(messages))
         return sorted(replies, key=lambda m: m.metadata.src_node_id)
+
+    def node_profiles(self, node_ids: Iterable[int]) -> dict[int, NodeProfile]:
+        """Each device's registration: class, model size, sensors (static facts,
+        as a real server learns them when a device enrols). A fedkd extension of
+        the Grid API for strategies that serve several architectures."""
+        if self._describe is None:
+            raise RuntimeError("this simulated grid was built without device profiles")
+        return {n: self._describe(n) for n in node_ids}
+
+    def telemetry(self) -> Telemetry:
+        """The devices' last reports (stale and noisy as configured), never the truth
+        or the future: what a resource-aware allocator may read. A fedkd extension."""
+        return Telemetry(self.world)
+
+    def backhaul(self, transfers: dict[int, tuple[int, int, float]]) -> float:
+        """Fog -> cloud -> fog traffic of a fog-tier strategy: per fog, (bytes up to
+        the cloud, bytes down from it, FLOPs the fog computes). The fogs work in
+        parallel; the clock advances by the slowest. Returns that duration in s."""
+        if self.topology is None:
+            raise RuntimeError("this scenario has no topology: add `topology:` to use fog nodes")
+        link = self.topology
+        durations = [2 * link.latency_s + 8 * up / link.uplink_bps + flops / link.compute_flops
+                     + 8 * down / link.downlink_bps for up, down, flops in transfers.values()]
+        duration = max(durations, default=0.0)
+        moved = sum(up + down for up, down, _ in transfers.values())
+        self.world.advance(duration)
+        self.recorder.record_backhaul(moved, moved * link.energy_per_byte_j)
+        return duration
 
     # -- the simulated world -----------------------------------------------------
     def _run_phase(self, messages: list[Message]) -> list[Message]:

@@ -10,6 +10,7 @@ class RoundRecorder:
         self.world = world
         self.run = StrategyRun(label=label, strategy=strategy)
         self._pending: list[DeviceRecord] = []
+        self._backhaul_bytes, self._backhaul_energy_j = 0, 0.0
 
     @property
     def current_round(self) -> int:
@@ -24,6 +25,10 @@ class RoundRecorder:
                 classes[self.world.class_index[o.device_id]].name, o.status, o.reason,
                 o.start_s, o.end_s, o.bytes_down, o.bytes_up, o.energy_j, o.battery_j))
 
+    def record_backhaul(self, moved_bytes: int, energy_j: float) -> None:
+        self._backhaul_bytes += moved_bytes
+        self._backhaul_energy_j += energy_j
+
     def close_round(self, server_round: int, accuracy: float, metrics: dict[str, float]) -> RoundRecord:
         tasks = self._pending
         alive = self.world.alive()
@@ -36,9 +41,16 @@ class RoundRecorder:
             dropped=sum(t.status != OK for t in tasks),
             available_devices=int((self.world.online & alive).sum()),
             dead_devices=int((~alive).sum()),
-            metrics=metrics,
+            metrics={**metrics, **self.world.battery_snapshot(), **self._backhaul()},
         )
         self.run.rounds.append(record)
         self.run.devices.extend(tasks)
         self._pending = []
+        self._backhaul_bytes, self._backhaul_energy_j = 0, 0.0
         return record
+
+    def _backhaul(self) -> dict[str, float]:
+        # Only fog-tier strategies move backhaul traffic; others get no such columns.
+        if not self._backhaul_bytes:
+            return {}
+        return {"backhaul_bytes": float(self._backhaul_bytes), "backhaul_energy_j": self._backhaul_energy_j}

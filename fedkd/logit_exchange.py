@@ -1,0 +1,117 @@
+"""The base of strategies that exchange predictions on a shared public set
+instead of model weights.
+
+Each round the server samples devices and sends them (a) the public samples
+to predict and (b) its current targets for the samples of the previous round.
+Each device digests the targets, trains on its private shard, and returns its
+logits for the new public samples through a codec. The server combines them
+into the next targets; a subclass says how by overriding ``combine``. Devices
+keep their own models (any architecture, any sensors), so nothing forces one
+architecture on the population.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from .codecs import decode_any, get_codec
+from .seeding import rng_for
+
+MESSAGE_TYPE = "train.logits"
+
+
+@dataclass(frozen=True)
+class PublicSet:
+    """What the server knows of the shared public set (it holds the same copy as the devices)."""
+
+    size: int
+    num_classes: int
+    seed: int
+
+
+class LogitExchange(Strategy):
+    """Exchange logits on public samples; subclasses choose how to combine them."""
+
+    shares_weights = False
+
+    def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
+                 public_batch: int = 256, codec: str = "fp32", downlink_codec: str | None = None,
+                 temperature: float = 1.0, distill_epochs: int = 1, local_epochs: int | None = None,
+                 public_pretrain_epochs: int = 0):
+        if not 0 < fraction_train <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if public_batch < 1:
+            raise ValueError(f"public_batch must be positive, got {public_batch}")
+        get_codec(codec), get_codec(downlink_codec or codec)  # fail now on a bad codec name
+        self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
+        self.min_available_nodes, self.public_batch = min_available_nodes, public_batch
+        self.codec, self.downlink_codec = codec, downlink_codec or codec
+        self.temperature, self.distill_epochs, self.local_epochs = temperature, distill_epochs, local_epochs
+        self.public_pretrain_epochs = public_pretrain_epochs
+        self.public: PublicSet | None = None
+        self.targets: np.ndarray | None = None  # probabilities, (public_batch, classes)
+        self.target_indices: np.ndarray | None = None
+        self._asked_indices: np.ndarray | None = None
+
+    def fedkd_bind(self, public: PublicSet) -> None:
+        """Called by fedkd before the first round: the public set this run shares."""
+        self.public = public
+
+    # -- what subclasses change ---------------------------------------------------
+    def combine(self, logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Targets (probabilities) from device logits (devices, samples, classes)."""
+        raise NotImplementedError
+
+    # -- Flower's Strategy API ----------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: fraction %.2f, public batch %d, codec %s/%s, T=%.2f", type(self).__name__,
+            self.fraction_train, self.public_batch, self.codec, self.downlink_codec, self.temperature)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.public is None:
+            raise RuntimeError(f"{type(self).__name__} needs fedkd_bind() with the public set before round 1")
+        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        rng = rng_for(self.public.seed, "public-batch", server_round)
+        self._asked_indices = np.sort(rng.choice(self.public.size, min(self.public_batch, self.public.size),
+                                                 replace=False))
+        task = ConfigRecord({"server-round": server_round, "public-indices": self._asked_indices.tolist(),
+                             "codec": self.codec, "temperature": float(self.temperature),
+                             "distill-epochs": int(self.distill_epochs),
+                             "public-pretrain-epochs": int(self.public_pretrain_epochs)})
+        if self.local_epochs is not None:
+            task["local-epochs"] = int(self.local_epochs)
+        if self.targets is not None:
+            task["targets"] = get_codec(self.downlink_codec).encode(self.targets.astype(np.float32))
+            task["target-indices"] = self.target_indices.tolist()
+        content = RecordDict({"config": task})
+        return [Message(content, node, MESSAGE_TYPE) for node in sorted(node_ids)]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = [r for r in replies if not r.has_error()]
+        if not valid:
+            return None, None
+        logits = np.stack([decode_any(bytes(r.content["logits"]["payload"])) for r in valid])
+        weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
+        self.targets = self.combine(logits, weights)
+        self.target_indices = self._asked_indices
+        losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
+        return None, MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
+                                   "num-examples": float(weights.sum())})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

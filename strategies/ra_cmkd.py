@@ -1,0 +1,184 @@
+"""RA-CMKD: resource-aware cross-modal knowledge distillation through fog nodes.
+
+fedkd's headline strategy; it combines published ideas rather than
+reproducing one paper: logit exchange on a paired public set (FedMD, Li &
+Wang 2019, arXiv:1910.03581), confidence-weighted cross-modal ensembles
+(camera models teach sensor models and the other way round; cf. ensemble
+distillation in FedDF, Lin et al. 2020, arXiv:2006.07242), hierarchical
+edge -> fog -> cloud aggregation (cf. HierFAVG, Liu et al. 2020,
+arXiv:1905.06641), and a per-device resource-aware plan (who takes part,
+with which sensor, model size, local epochs and codec) from telemetry.
+
+Each round: the allocator plans the sampled devices from their last reports;
+each device digests its fog's targets for its modality, trains on its shard,
+and sends its logits on the round's public samples through its planned
+codec; each fog builds cross-modal targets from its devices; the cloud merges
+the fogs and sends its view back down, which each fog blends with its own.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedkd.allocator import AllIn, DevicePlan, plans_for
+from fedkd.codecs import decode_any, get_codec
+from fedkd.fog import blend, cross_modal_targets, merge_fog_targets
+from fedkd.logit_exchange import MESSAGE_TYPE, LogitExchange
+from fedkd.registry import resolve_allocator
+from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
+from fedkd.runtime.records import payload_bytes
+from fedkd.seeding import rng_for
+
+SHARES_WEIGHTS = False
+
+
+class RACMKD(LogitExchange):
+    def __init__(self, allocator: str = "resource_aware", allocator_params: dict | None = None,
+                 peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8", **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= cloud_share <= 1:
+            raise ValueError(f"cloud_share must be in [0, 1], got {cloud_share}")
+        get_codec(backhaul_codec)
+        self.allocator = resolve_allocator(allocator).cls(**(allocator_params or {}))
+        self.peer_weight, self.cloud_share, self.backhaul_codec = peer_weight, cloud_share, backhaul_codec
+        self.fog_targets: dict[int, dict[str, np.ndarray]] = {}
+        self.cloud_targets: dict[str, np.ndarray] = {}
+        self._plans: dict[int, DevicePlan] = {}
+        self._profiles: dict = {}
+        self._grid: Grid | None = None
+        self.sat_out = 0  # devices the allocator kept out last round
+
+    def fedkd_attach_server(self, ctx) -> None:
+        """Device registrations and model costs, for the allocator."""
+        if not isinstance(self.allocator, ResourceAware):
+            return
+        population, training = ctx.population, ctx.scenario.training
+
+        def hardware(device_id: int) -> DeviceHardware:
+            c = population.class_of(device_id)
+            return DeviceHardware(
+                modalities=ctx.modalities_of(device_id), model_tier=c.model_tier or training.model_tier,
+                samples=len(ctx.partitioner.shard(device_id).indices), latency_s=c.latency_s,
+                capacity_j=float("inf") if c.battery_j is None else c.battery_j,
+                energy_per_flop_j=c.energy_per_flop_j, energy_per_byte_up_j=c.energy_per_byte_up_j,
+                energy_per_byte_down_j=c.energy_per_byte_down_j)
+
+        def flops(tier: str, modalities: tuple[str, ...]) -> tuple[int, int]:
+            return ctx.train_flops_per_sample(tier, modalities), ctx.forward_flops_per_sample(tier, modalities)
+
+        classes = ctx.dataset.num_classes
+        batch = min(self.public_batch, len(ctx.dataset.split("public")))
+        self.allocator.bind(hardware, flops, TaskShape(
+            public_batch=batch, distill_samples=batch * self.distill_epochs, num_classes=classes,
+            downlink_bytes=self._measure_downlink(batch, classes), reply_overhead_bytes=_reply_overhead()),
+            deadline_s=ctx.scenario.world.round_deadline_s)
+
+    def _measure_downlink(self, batch: int, classes: int) -> int:
+        targets = np.full((batch, classes), 1.0 / classes, dtype=np.float32)
+        config = ConfigRecord({"server-round": 1, "public-indices": list(range(batch)), "codec": "int8",
+                               "targets": get_codec(self.downlink_codec).encode(targets),
+                               "target-indices": list(range(batch)), "modality": "camera+sensor",
+                               "model-tier": "small", "local-epochs": 1, "temperature": 1.0,
+                               "distill-epochs": 1, "public-pretrain-epochs": 0})
+        return payload_bytes(RecordDict({"config": config}))
+
+    # -- Flower's Strategy API ----------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        candidates, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        candidates = sorted(candidates)
+        telemetry = grid.telemetry() if hasattr(grid, "telemetry") else None
+        allocator = self.allocator if telemetry is not None else AllIn()
+        plans = plans_for(allocator, server_round, candidates, telemetry)
+        self._plans = {d: p for d, p in plans.items() if p.take_part}
+        self.sat_out = len(plans) - len(self._plans)
+        self._profiles = grid.node_profiles(self._plans) if hasattr(grid, "node_profiles") else {}
+        rng = rng_for(self.public.seed, "public-batch", server_round)
+        self._asked_indices = np.sort(rng.choice(self.public.size, min(self.public_batch, self.public.size),
+                                                 replace=False))
+        messages = []
+        for device, plan in sorted(self._plans.items()):
+            task = ConfigRecord({
+                "server-round": server_round, "public-indices": self._asked_indices.tolist(),
+                "codec": plan.codec, "temperature": float(self.temperature),
+                "distill-epochs": int(self.distill_epochs),
+                "public-pretrain-epochs": int(self.public_pretrain_epochs)})
+            if plan.modality is not None:
+                task["modality"] = plan.modality
+            if plan.model_tier is not None:
+                task["model-tier"] = plan.model_tier
+            if plan.local_epochs is not None:
+                task["local-epochs"] = int(plan.local_epochs)
+            targets = self._targets_for(self._fog(device), plan.modality)
+            if targets is not None:
+                task["targets"] = get_codec(self.downlink_codec).encode(targets.astype(np.float32))
+                task["target-indices"] = self.target_indices.tolist()
+            messages.append(Message(RecordDict({"config": task}), device, MESSAGE_TYPE))
+        return messages
+
+    def _fog(self, device: int) -> int:
+        profile = self._profiles.get(device)
+        return 0 if profile is None or profile.fog is None else int(profile.fog)
+
+    def _targets_for(self, fog: int, modality: str | None) -> np.ndarray | None:
+        for source in (self.fog_targets.get(fog, {}), self.cloud_targets):
+            if modality in source:
+                return source[modality]
+        if self.cloud_targets:  # a sensor set no fog has seen yet: the cloud's mean view
+            return np.mean(list(self.cloud_targets.values()), axis=0)
+        return None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = [r for r in replies if not r.has_error()]
+        if not valid:
+            return None, None
+        by_fog: dict[int, list[tuple[np.ndarray, str, float]]] = {}
+        for reply in valid:
+            device = reply.metadata.src_node_id
+            logits = decode_any(bytes(reply.content["logits"]["payload"]))
+            weight = float(reply.content["metrics"]["num-examples"])
+            modality = self._plans[device].modality or "all"
+            by_fog.setdefault(self._fog(device), []).append((logits, modality, weight))
+        fog_views, fog_weights = {}, {}
+        for fog, items in sorted(by_fog.items()):
+            fog_views[fog] = cross_modal_targets(np.stack([i[0] for i in items]), [i[1] for i in items],
+                                                 np.array([i[2] for i in items]), self.peer_weight,
+                                                 self.temperature)
+            fog_weights[fog] = sum(i[2] for i in items)
+        self.cloud_targets = merge_fog_targets(list(fog_views.values()), list(fog_weights.values()))
+        for fog, view in fog_views.items():
+            self.fog_targets[fog] = blend(view, self.cloud_targets, self.cloud_share)
+        self.target_indices = self._asked_indices
+        self._ship_over_backhaul(fog_views)
+        weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
+        losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
+        return None, MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
+                                   "num-examples": float(weights.sum()), "sat-out": float(self.sat_out)})
+
+    def _ship_over_backhaul(self, fog_views: dict[int, dict[str, np.ndarray]]) -> None:
+        """Each fog sends its targets up and gets the cloud's down, on its own link."""
+        if self._grid is None or getattr(self._grid, "topology", None) is None:
+            return
+        rows, cols = len(self._asked_indices), self.public.num_classes
+        one = get_codec(self.backhaul_codec).encoded_size(rows, cols)
+        transfers = {}
+        for fog, view in fog_views.items():
+            devices = sum(1 for d in self._plans if self._fog(d) == fog)
+            # Ensembling costs about one multiply-add per teacher, sample, class and student group.
+            flops = 4.0 * devices * rows * cols * len(view)
+            transfers[fog] = (one * len(view), one * len(self.cloud_targets), flops)
+        self._grid.backhaul(transfers)
+
+
+def _reply_overhead() -> int:
+    """Bytes of a logit reply besides the logits themselves (measured, not guessed)."""
+    reply = RecordDict({"logits": ConfigRecord({"payload": b""}),
+                        "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.0, "distill-loss": 0.0})})
+    return payload_bytes(reply)
