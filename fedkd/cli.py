@@ -55,11 +55,28 @@ def cmd_strategies(args) -> int:
     return 0
 
 
+def _announce_checkpoint(store, resume: bool) -> None:
+    """Say on stderr what becomes of a checkpoint; refuse one from another run (CheckpointError)."""
+    if resume:
+        found = store.inspect()
+        if not found:
+            print(f"fedkd: no checkpoint in {store.folder}; starting from the first round", file=sys.stderr)
+            return
+        where = ", ".join(f"{label} {'done' if s['complete'] else 'after round ' + str(s['rounds'])}"
+                          for label, s in found.items())
+        print(f"fedkd: resuming from {store.folder}: {where}", file=sys.stderr)
+    elif store.exists():
+        print(f"fedkd: note: {store.folder} holds a checkpoint of an earlier run; starting over and "
+              "overwriting it (--resume continues it instead)", file=sys.stderr)
+
+
 def cmd_simulate(args) -> int:
-    from .runner import simulate, with_overrides
     from .scenario import load_scenario
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario)  # first: a malformed file is refused before torch loads
+    from .checkpoint import CheckpointStore
+    from .runner import simulate, with_overrides
+
     scenario = with_overrides(scenario, args.scenario, seed=args.seed, rounds=args.rounds,
                               strategies=args.strategy, backend=args.backend)
     out_dir = Path(args.out) if args.out else Path("results") / scenario.name
@@ -67,7 +84,8 @@ def cmd_simulate(args) -> int:
         from .errors import FedkdError
 
         raise FedkdError(f"--out {out_dir} exists and is not a folder")
-    runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr))
+    _announce_checkpoint(CheckpointStore(out_dir, scenario), args.resume)
+    runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr), resume=args.resume)
     for run in runs:
         last = run.rounds[-1] if run.rounds else None
         note = f"  (stopped early: {run.stopped_early})" if run.stopped_early else ""
@@ -93,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run this strategy instead of the scenario's list (repeatable); "
                           "a registry name, module:Class or path/to/file.py:Class")
     sim.add_argument("--backend", choices=["inprocess", "ray"], help="override the execution backend")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue the run checkpointed in the results folder from its last completed round")
     sim.set_defaults(func=cmd_simulate)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")

@@ -29,19 +29,42 @@ def confidence(probs: np.ndarray) -> np.ndarray:
     return 1.0 - entropy / np.log(classes)
 
 
+def reliability(logits: np.ndarray, modality: Sequence[str], labels: np.ndarray) -> dict[str, float]:
+    """How far above chance each modality's mean prediction is on labelled public samples.
+
+    0 for a modality no better than chance (its models have not learnt yet, or
+    its sensor cannot tell the classes apart), 1 for a perfect one. A fog holds
+    the public set with its labels, so it can check its teachers before
+    trusting them: a collapsed model is confident, and confidence alone would
+    let it teach its nonsense to the other modality.
+    """
+    classes = logits.shape[-1]
+    probs = softmax(logits)
+    mods = np.asarray(modality)
+    out = {}
+    for m in dict.fromkeys(modality):
+        accuracy = float((probs[mods == m].mean(0).argmax(-1) == labels).mean())
+        out[m] = max(0.0, (accuracy - 1.0 / classes) / (1.0 - 1.0 / classes))
+    return out
+
+
 def cross_modal_targets(logits: np.ndarray, modality: Sequence[str], weights: np.ndarray,
-                        peer_weight: float = 0.25, temperature: float = 1.0) -> dict[str, np.ndarray]:
+                        peer_weight: float = 0.25, temperature: float = 1.0,
+                        trust: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Targets for the students of each modality present.
 
     ``logits`` is (devices, samples, classes); ``modality[d]`` is the modality
     device d predicted with; ``weights[d]`` its sample count. For students of
     modality m, a teacher of another modality counts ``weights[d] *
     confidence``; a teacher of modality m counts ``peer_weight`` times that.
-    With a single modality present, peers are all there is.
+    With a single modality present, peers are all there is. ``trust`` (per
+    modality, e.g. from :func:`reliability`) scales every teacher of that
+    modality; missing modalities count 1.
     """
     probs = softmax(logits, temperature)
-    trust = confidence(probs) * np.asarray(weights, dtype=np.float64)[:, None]  # (devices, samples)
     mods = np.asarray(modality)
+    per_teacher = np.array([1.0 if trust is None else trust.get(m, 1.0) for m in modality])
+    trust = confidence(probs) * (np.asarray(weights, dtype=np.float64) * per_teacher)[:, None]  # (devices, samples)
     targets = {}
     for m in dict.fromkeys(modality):
         same = mods == m

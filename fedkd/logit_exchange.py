@@ -45,7 +45,7 @@ class LogitExchange(Strategy):
     def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  public_batch: int = 256, codec: str = "fp32", downlink_codec: str | None = None,
                  temperature: float = 1.0, distill_epochs: int = 1, local_epochs: int | None = None,
-                 public_pretrain_epochs: int = 0):
+                 public_pretrain_epochs: int = 0, public_pretrain_samples: int | None = None):
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if public_batch < 1:
@@ -56,6 +56,7 @@ class LogitExchange(Strategy):
         self.codec, self.downlink_codec = codec, downlink_codec or codec
         self.temperature, self.distill_epochs, self.local_epochs = temperature, distill_epochs, local_epochs
         self.public_pretrain_epochs = public_pretrain_epochs
+        self.public_pretrain_samples = public_pretrain_samples  # None: the whole public set
         self.public: PublicSet | None = None
         self.targets: np.ndarray | None = None  # probabilities, (public_batch, classes)
         self.target_indices: np.ndarray | None = None
@@ -64,6 +65,16 @@ class LogitExchange(Strategy):
     def fedkd_bind(self, public: PublicSet) -> None:
         """Called by fedkd before the first round: the public set this run shares."""
         self.public = public
+
+    def fedkd_state(self) -> dict:
+        """What later rounds depend on, for checkpoints: the targets and the samples they refer to."""
+        return {"targets": self.targets, "target_indices": self.target_indices,
+                "asked_indices": self._asked_indices}
+
+    def fedkd_restore(self, state: dict) -> None:
+        """The inverse of :meth:`fedkd_state`, on a strategy built and bound as the run's was."""
+        self.targets, self.target_indices = state["targets"], state["target_indices"]
+        self._asked_indices = state["asked_indices"]
 
     # -- what subclasses change ---------------------------------------------------
     def combine(self, logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -88,6 +99,8 @@ class LogitExchange(Strategy):
                              "codec": self.codec, "temperature": float(self.temperature),
                              "distill-epochs": int(self.distill_epochs),
                              "public-pretrain-epochs": int(self.public_pretrain_epochs)})
+        if self.public_pretrain_samples is not None:
+            task["public-pretrain-samples"] = int(self.public_pretrain_samples)
         if self.local_epochs is not None:
             task["local-epochs"] = int(self.local_epochs)
         if self.targets is not None:

@@ -1,9 +1,15 @@
-"""``fedkd simulate``: run every strategy of a scenario, then write the results."""
+"""``fedkd simulate``: run every strategy of a scenario, then write the results.
+
+``simulate`` checkpoints the run in the results folder after every round and
+removes the checkpoint once the results are written; with ``resume=True`` it
+continues from that checkpoint (:mod:`fedkd.checkpoint`).
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from .checkpoint import CheckpointStore
 from .references import check_references
 from .report import versions, write_results
 from .results import StrategyRun
@@ -11,6 +17,7 @@ from .runtime.backends import run_backend
 from .runtime.client import make_client_app
 from .runtime.server import ProgressFn, StrategyJob, make_server_app
 from .scenario import Scenario, parse_scenario
+from .sim.recorder import run_from_state, run_state
 
 
 def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, rounds: int | None = None,
@@ -34,22 +41,39 @@ def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, ro
     return updated
 
 
-def run_scenario(scenario: Scenario, progress: ProgressFn | None = None) -> list[StrategyRun]:
+def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
+                 checkpoints: CheckpointStore | None = None, resume: bool = False) -> list[StrategyRun]:
+    """Every strategy's run; with ``checkpoints``, each saved after every round and when it
+    finishes. With ``resume``, finished strategies are taken from there, the others continue."""
     runs: list[StrategyRun] = []
     client_app = make_client_app(scenario)
-    for spec in scenario.strategies:
+    for index, spec in enumerate(scenario.strategies):
+        saved = checkpoints.load(index, spec.run_label) if checkpoints is not None and resume else None
+        if saved is not None and saved["complete"]:
+            runs.append(run_from_state(spec.run_label, spec.name, saved["run"]))
+            continue
         sink: list[StrategyRun] = []
-        run_backend(scenario.backend, make_server_app(StrategyJob(scenario, spec), sink, progress), client_app)
+        job = StrategyJob(scenario, spec, checkpoints, index, resume=saved is not None)
+        run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
         if not sink:
             raise RuntimeError(f"strategy {spec.run_label} finished without a result")
+        if checkpoints is not None:
+            checkpoints.save(index, spec.run_label, complete=True, run=run_state(sink[0]))
         runs.extend(sink)
     return runs
 
 
-def simulate(scenario: Scenario, scenario_path: str, out_dir: Path,
-             progress: ProgressFn | None = None) -> tuple[list[StrategyRun], list[Path]]:
+def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: ProgressFn | None = None,
+             *, resume: bool = False) -> tuple[list[StrategyRun], list[Path]]:
+    """Run the scenario and write its results to ``out_dir``, checkpointing as it goes.
+
+    Without ``resume`` an earlier checkpoint in ``out_dir`` is discarded first.
+    """
     started = time.perf_counter()
-    runs = run_scenario(scenario, progress)
+    checkpoints = CheckpointStore(out_dir, scenario)
+    if not resume:
+        checkpoints.clear()
+    runs = run_scenario(scenario, progress, checkpoints, resume)
     header = {
         "scenario": scenario.name, "scenario_file": str(scenario_path), "seed": scenario.seed,
         "rounds": scenario.rounds, "backend": scenario.backend.kind, "devices": scenario.population.devices,
@@ -57,4 +81,6 @@ def simulate(scenario: Scenario, scenario_path: str, out_dir: Path,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "scenario_config": scenario.model_dump(mode="json"),
     }
-    return runs, write_results(out_dir, runs, header)
+    written = write_results(out_dir, runs, header)
+    checkpoints.clear()  # the results are whole: nothing left to resume
+    return runs, written

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ScenarioError
+from .errors import FedkdError, ScenarioError
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -161,6 +161,14 @@ class DeviceClassSpec(_Strict):
     energy_per_flop_j: NonNegativeFloat = 1e-9
     energy_per_byte_up_j: NonNegativeFloat = 1e-6
     energy_per_byte_down_j: NonNegativeFloat = 5e-7
+    d2d_bps: PositiveFloat | None = Field(
+        None, description="device-to-device radio rate, either way; null = receive on the downlink, "
+        "send on the uplink"
+    )
+    d2d_latency_s: NonNegativeFloat | None = Field(None, description="per D2D message; null = latency_s")
+    energy_per_byte_d2d_j: NonNegativeFloat | None = Field(
+        None, description="per D2D byte sent or received; null = energy_per_byte_down_j / _up_j"
+    )
     idle_power_w: NonNegativeFloat = 0.0
     recharge_power_w: NonNegativeFloat = Field(0.0, description="constant trickle charge")
     charging_windows: list[ChargingWindowSpec] = Field(
@@ -409,5 +417,47 @@ def load_scenario(path: str | Path) -> Scenario:
     # Imported here: checking references needs the registries, which import torch.
     from .references import check_references
 
-    check_references(scenario, str(path))
+    _check_dataset_option_types(scenario, str(path))
+    try:
+        check_references(scenario, str(path))
+    except ScenarioError:
+        raise
+    except FedkdError as exc:
+        # A dataset that cannot be built from its options (a missing folder, say): name the option.
+        key = _dataset_option_named(scenario.data.options, str(exc))
+        if key is None:
+            raise
+        raise ScenarioError(str(path), key, str(exc)) from None
     return scenario
+
+
+def _check_dataset_option_types(scenario: Scenario, path: str) -> None:
+    """Each ``data.options`` value against the type its dataset's constructor declares."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    from .data import dataset_class
+
+    try:
+        hints = typing.get_type_hints(dataset_class(scenario.data.dataset).__init__)
+    except Exception:  # noqa: BLE001 - an unknown dataset or unreadable hints: check_references reports
+        return
+    for key, value in scenario.data.options.items():
+        if key in hints:
+            try:
+                TypeAdapter(hints[key]).validate_python(value, strict=True)
+            except ValidationError:
+                expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+                raise ScenarioError(path, f"data.options.{key}", f"expected {expected} (got {value!r})") from None
+
+
+def _dataset_option_named(options: dict[str, Any], message: str) -> str | None:
+    """The ``data.options`` key a dataset's error message is about, if it names one."""
+    for key, value in options.items():
+        named = message.startswith(f"{key}=")
+        if isinstance(value, str) and value:
+            named = named or message.startswith((value, str(Path(value))))
+        if named:
+            return f"data.options.{key}"
+    return None

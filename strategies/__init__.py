@@ -14,4 +14,5 @@ BUILTIN: dict[str, str] = {
     "feddf": "strategies.feddf:FedDF",
     "centralized": "strategies.centralized:Centralized",
     "ra_cmkd": "strategies.ra_cmkd:RACMKD",
+    "gossip_kd": "strategies.gossip_kd:GossipKD",
 }

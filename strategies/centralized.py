@@ -49,6 +49,14 @@ class Centralized(Strategy):
         self.devices = population_architectures(ctx)
         self.models = {arch: new_model(ctx, arch) for arch in self.devices}
 
+    def fedkd_state(self) -> dict:
+        """The model of each architecture, for checkpoints."""
+        return {"models": {arch.key: model.state_dict() for arch, model in self.models.items()}}
+
+    def fedkd_restore(self, state: dict) -> None:
+        for arch, model in self.models.items():
+            model.load_state_dict(state["models"][arch.key])
+
     def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
         return score_architectures(ctx, self.models, self.devices)
 

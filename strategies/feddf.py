@@ -83,6 +83,14 @@ class FedDF(FedAvg):
         held = min(self.validation_samples, size - 1)
         self._validation, self._unlabeled = np.sort(order[:held]), np.sort(order[held:])
 
+    def fedkd_state(self) -> dict:
+        """The model of each architecture, for checkpoints."""
+        return {"models": {arch.key: model.state_dict() for arch, model in self.models.items()}}
+
+    def fedkd_restore(self, state: dict) -> None:
+        for arch, model in self.models.items():
+            model.load_state_dict(state["models"][arch.key])
+
     def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
         return score_architectures(ctx, self.models, self.devices)
 

@@ -12,8 +12,10 @@ with which sensor, model size, local epochs and codec) from telemetry.
 Each round: the allocator plans the sampled devices from their last reports;
 each device digests its fog's targets for its modality, trains on its shard,
 and sends its logits on the round's public samples through its planned
-codec; each fog builds cross-modal targets from its devices; the cloud merges
-the fogs and sends its view back down, which each fog blends with its own.
+codec; each fog checks each modality's teachers on the public labels it
+holds (a modality no better than chance teaches nothing), builds cross-modal
+targets from its devices; the cloud merges the fogs and sends its view back
+down, which each fog blends with its own.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedkd.allocator import AllIn, DevicePlan, plans_for
 from fedkd.codecs import decode_any, get_codec
-from fedkd.fog import blend, cross_modal_targets, merge_fog_targets
+from fedkd.fog import blend, cross_modal_targets, merge_fog_targets, reliability
 from fedkd.logit_exchange import MESSAGE_TYPE, LogitExchange
 from fedkd.registry import resolve_allocator
 from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
@@ -38,8 +40,11 @@ SHARES_WEIGHTS = False
 
 class RACMKD(LogitExchange):
     def __init__(self, allocator: str = "resource_aware", allocator_params: dict | None = None,
-                 peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8", **kwargs):
+                 peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8",
+                 check_teachers: bool = True, **kwargs):
         super().__init__(**kwargs)
+        self.check_teachers = check_teachers  # weigh each modality by its accuracy on public labels
+        self._public_labels: np.ndarray | None = None
         if not 0 <= cloud_share <= 1:
             raise ValueError(f"cloud_share must be in [0, 1], got {cloud_share}")
         get_codec(backhaul_codec)
@@ -53,7 +58,9 @@ class RACMKD(LogitExchange):
         self.sat_out = 0  # devices the allocator kept out last round
 
     def fedkd_attach_server(self, ctx) -> None:
-        """Device registrations and model costs, for the allocator."""
+        """The public labels (fogs check their teachers on them); registrations and
+        model costs, for the allocator."""
+        self._public_labels = ctx.dataset.split("public").labels
         if not isinstance(self.allocator, ResourceAware):
             return
         population, training = ctx.population, ctx.scenario.training
@@ -76,6 +83,15 @@ class RACMKD(LogitExchange):
             public_batch=batch, distill_samples=batch * self.distill_epochs, num_classes=classes,
             downlink_bytes=self._measure_downlink(batch, classes), reply_overhead_bytes=_reply_overhead()),
             deadline_s=ctx.scenario.world.round_deadline_s)
+
+    def fedkd_state(self) -> dict:
+        return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
+                "sat_out": self.sat_out}
+
+    def fedkd_restore(self, state: dict) -> None:
+        super().fedkd_restore(state)
+        self.fog_targets, self.cloud_targets = state["fog_targets"], state["cloud_targets"]
+        self.sat_out = state["sat_out"]
 
     def _measure_downlink(self, batch: int, classes: int) -> int:
         targets = np.full((batch, classes), 1.0 / classes, dtype=np.float32)
@@ -109,6 +125,8 @@ class RACMKD(LogitExchange):
                 "codec": plan.codec, "temperature": float(self.temperature),
                 "distill-epochs": int(self.distill_epochs),
                 "public-pretrain-epochs": int(self.public_pretrain_epochs)})
+            if self.public_pretrain_samples is not None:
+                task["public-pretrain-samples"] = int(self.public_pretrain_samples)
             if plan.modality is not None:
                 task["modality"] = plan.modality
             if plan.model_tier is not None:
@@ -147,10 +165,12 @@ class RACMKD(LogitExchange):
             modality = self._plans[device].modality or "all"
             by_fog.setdefault(self._fog(device), []).append((logits, modality, weight))
         fog_views, fog_weights = {}, {}
+        labels = None if self._public_labels is None else self._public_labels[self._asked_indices]
         for fog, items in sorted(by_fog.items()):
-            fog_views[fog] = cross_modal_targets(np.stack([i[0] for i in items]), [i[1] for i in items],
-                                                 np.array([i[2] for i in items]), self.peer_weight,
-                                                 self.temperature)
+            logits, modalities = np.stack([i[0] for i in items]), [i[1] for i in items]
+            trust = reliability(logits, modalities, labels) if labels is not None and self.check_teachers else None
+            fog_views[fog] = cross_modal_targets(logits, modalities, np.array([i[2] for i in items]),
+                                                 self.peer_weight, self.temperature, trust)
             fog_weights[fog] = sum(i[2] for i in items)
         self.cloud_targets = merge_fog_targets(list(fog_views.values()), list(fog_weights.values()))
         for fog, view in fog_views.items():

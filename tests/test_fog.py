@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fedkd.fog import blend, confidence, cross_modal_targets, merge_fog_targets
+from fedkd.fog import blend, confidence, cross_modal_targets, merge_fog_targets, reliability
 
 
 def logits_of(*rows) -> np.ndarray:
@@ -48,3 +48,14 @@ def test_cloud_merge_and_blend():
     assert cloud["sensor"][0] == pytest.approx([0.5, 0.5])
     sent = blend(fog_b, cloud, cloud_share=0.5)
     assert sent["camera"][0] == pytest.approx([0.375, 0.625])
+
+
+def test_reliability_is_accuracy_above_chance_and_silences_a_useless_modality():
+    # Two samples with labels [0, 1]. The camera says class 0 for both (1 of 2 right:
+    # chance for 2 classes -> 0); the sensor is right on both -> 1.
+    logits = np.stack([logits_of([0.9, 0.1], [0.9, 0.1]), logits_of([0.8, 0.2], [0.3, 0.7])])
+    trust = reliability(logits, ["camera", "sensor"], np.array([0, 1]))
+    assert trust == {"camera": 0.0, "sensor": 1.0}
+    # With the camera silenced, sensor students learn from their sensor peers alone.
+    targets = cross_modal_targets(logits, ["camera", "sensor"], np.ones(2), trust=trust)
+    assert targets["sensor"] == pytest.approx(np.array([[0.8, 0.2], [0.3, 0.7]]))

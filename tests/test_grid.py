@@ -102,7 +102,8 @@ def test_device_state_travels_with_the_task_and_is_hidden_from_the_strategy():
 
 def test_replies_reach_the_strategy_in_device_order_without_fedkd_records():
     grid, _ = make_grid(fake_client(), devices=5)
-    messages = [Message(RecordDict({"arrays": ArrayRecord([np.zeros(1)]), "config": _config()}), d, "train")
+    messages = [Message(RecordDict({"arrays": ArrayRecord([np.zeros(2, dtype=np.float32)]), "config": _config()}),
+                        d, "train")
                 for d in (4, 0, 2)]
     replies = grid.send_and_receive(messages)
     assert [r.metadata.src_node_id for r in replies] == [0, 2, 4]

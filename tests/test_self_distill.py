@@ -59,8 +59,10 @@ def test_loss_composition_by_hand():
 def test_heads_tap_each_convolution_block_of_each_encoder():
     model = tiny_model()
     heads = AuxiliaryHeads(model, seed=0)
-    # Encoders: [Conv, ReLU, MaxPool, Conv, ReLU, pool, flatten, Linear, ReLU]: tap the ReLUs at 1 and 4.
-    assert tap_points(model.encoders["camera"]) == [(1, 8), (4, 16)]
+    # Image encoders: [Standardize, Conv, ReLU, MaxPool, Conv, ReLU, pool, flatten, Linear, ReLU]:
+    # tap the ReLUs at 2 and 5; series encoders have no standardizer, so 1 and 4.
+    assert tap_points(model.encoders["camera"]) == [(2, 8), (5, 16)]
+    assert tap_points(model.encoders["sensor"]) == [(1, 8), (4, 16)]
     assert {k: (h.in_features, h.out_features) for k, h in heads.heads.items()} == {
         "camera_0": (8, 2), "camera_1": (16, 2), "sensor_0": (8, 2), "sensor_1": (16, 2)}
 

@@ -197,7 +197,7 @@ class ParkingWorld(Dataset):
         u = zoom * (np.cos(rot) * xs - np.sin(rot) * y) + col(c["crop_u"][cam]) + rng.normal(0, 0.1, (n, 1, 1))
         v = zoom * (np.sin(rot) * xs + np.cos(rot) * y) + col(c["crop_v"][cam]) + rng.normal(0, 0.1, (n, 1, 1))
         # Scene reflectance: asphalt texture, painted stall lines, a neighbour's car at the side.
-        scene = uni(0.3, 0.5) + 0.05 * rng.standard_normal((n, S, S))
+        scene = uni(0.3, 0.5) + 0.03 * rng.standard_normal((n, S, S))
         lines = np.maximum(_box(u, v, -0.93, 0, 0.05, 1.3), _box(u, v, 0.93, 0, 0.05, 1.3))
         scene += lines * (uni(0.45, 0.9) - scene)
         side = rng.choice([-1.0, 1.0], (n, 1, 1))
@@ -213,7 +213,9 @@ class ParkingWorld(Dataset):
         facing = rng.choice([-1.0, 1.0], (n, 1, 1))  # nose-in or reversed in
         glass = body * np.maximum(_box(u, v, cu, cv - facing * 0.4 * hv, 0.85 * hu, 0.16 * hv, 0.04),
                                   _box(u, v, cu, cv + facing * 0.55 * hv, 0.8 * hu, 0.1 * hv, 0.04))
-        scene += body * (rng.beta(0.6, 0.6, (n, 1, 1)) - scene) + glass * (uni(0.03, 0.25) - scene)
+        # The dark gap under the car outlines it even when its paint matches the asphalt.
+        scene *= 1.0 - 0.6 * col(occupied) * _box(u, v, cu, cv, hu + 0.12, hv + 0.1, 0.08)
+        scene += body * (rng.beta(0.6, 0.6, (n, 1, 1)) - scene) + glass * (uni(0.03, 0.2) - scene)
         # Light: daylight from the hour, else the camera's street lamp; weather dims it.
         day = np.clip(np.sin(np.pi * (hour - 6.0) / 12.0), 0.0, 1.0) ** 0.6
         light = col(np.maximum(day, c["lamp"][cam]) * np.array([1.0, 0.8, 0.7, 0.85])[weather])
@@ -239,7 +241,7 @@ class ParkingWorld(Dataset):
         tree = tree * (rng.random((n, S, S)) < 0.85)  # leaves with holes
         occluder = np.maximum(pole, tree)
         img += occluder * (light * uni(0.1, 0.3) - img)
-        sigma = col(c["noise"][cam]) * d * (1.0 + 4.0 * (1.0 - light))  # night: high gain, high noise
+        sigma = col(c["noise"][cam]) * d * (1.0 + 2.5 * (1.0 - light))  # night: high gain, high noise
         img += sigma * rng.standard_normal((n, S, S))
         camera = np.clip(img, 0.0, 1.0).astype(np.float32)[:, None]
         return camera, {"night": night.reshape(n) > 0, "occluded_frac": occluder.mean(axis=(1, 2))}

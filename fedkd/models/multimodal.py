@@ -19,9 +19,19 @@ from ..data.base import ModalitySpec
 TIERS: dict[str, tuple[int, int]] = {"tiny": (8, 16), "small": (16, 32), "base": (32, 64)}
 
 
+class PerImageStandardize(nn.Module):
+    """Zero mean, unit spread per image: cameras see the same stall at noon and at
+    night, and a small CNN learns far faster when it need not model the light level."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))
+        return (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-3)
+
+
 def image_encoder(in_channels: int, tier: str) -> nn.Module:
     c1, c2 = TIERS[tier]
     return nn.Sequential(
+        PerImageStandardize(),
         nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
         # Keep a coarse layout: global pooling would throw away where strokes are.

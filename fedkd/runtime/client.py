@@ -21,6 +21,7 @@ from ..seeding import derive_seed
 from ..training import accuracy, predict_logits, train_local
 from .architectures import handle_train_own_architecture
 from .context import simulation_context
+from .gossip_client import handle_gossip
 from .teacher_client import handle_teacher, handle_teacher_query
 
 
@@ -107,12 +108,15 @@ def handle_logits(scenario: Scenario, message: Message) -> Message:
     if weights is not None:
         model.load_state_dict(weights)
     elif int(config.get("public-pretrain-epochs", 0)) > 0:
-        # FedMD's transfer-learning step: a new device first learns the labelled public set.
+        # FedMD's transfer-learning step: a new device first learns the labelled public set
+        # (or its first public-pretrain-samples samples, to bound the cost).
         epochs = int(config["public-pretrain-epochs"])
-        train_local(model, public, modalities, epochs=epochs, batch_size=training.batch_size,
+        labelled = public.subset(np.arange(min(int(config.get("public-pretrain-samples", len(public))),
+                                               len(public))))
+        train_local(model, labelled, modalities, epochs=epochs, batch_size=training.batch_size,
                     learning_rate=lr, seed=derive_seed(scenario.seed, "pretrain", device_id),
                     optimizer=training.optimizer)
-        flops += per_sample * len(public) * epochs
+        flops += per_sample * len(labelled) * epochs
     if "targets" in config:
         target_idx = np.asarray(config["target-indices"], dtype=np.int64)
         targets = decode_any(bytes(config["targets"]))
@@ -161,6 +165,11 @@ def make_client_app(scenario: Scenario) -> ClientApp:
     def train_logits(message: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         return handle_logits(scenario, message)
+
+    @app.train("gossip")
+    def train_gossip(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        return handle_gossip(scenario, message)
 
     @app.train("architecture")
     def train_architecture(message: Message, context: Context) -> Message:

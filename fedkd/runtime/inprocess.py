@@ -5,9 +5,19 @@ Flower ships no such backend; this one is deterministic, starts at once and
 needs no Ray. It follows the contract of Flower's ``InMemoryGrid`` (written
 against flwr 1.41): pushed messages get an id, replies are pulled by it, and
 a ClientApp that raises yields an error reply instead of an exception.
+
+``send_and_receive(messages, timeout=T)`` gives each ClientApp call at most T
+seconds of wall time: calls run one after another on a worker thread, and one
+that has not returned by then yields an error reply (``REPLY_MESSAGE_UNAVAILABLE``,
+which the simulated grid records as reason ``timeout``). Python cannot stop a
+thread, so a hung call is abandoned, not killed: its thread (a daemon, which
+does not keep the process alive) goes on in the background, its late reply is
+dropped, and the next call gets a new worker thread.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -30,6 +40,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(RUN_ID)
         self._replies: dict[str, Message] = {}
         self._count = 0
+        self._worker: _Worker | None = None
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -45,21 +56,37 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> list[str]:
         ids = []
         for message in messages:
             self._count += 1
             message.metadata.__dict__["_message_id"] = f"inprocess-{self._count}"
-            self._replies[message.metadata.message_id] = self._execute(message)
+            self._replies[message.metadata.message_id] = self._execute(message, timeout)
             ids.append(message.metadata.message_id)
         return ids
 
-    def _execute(self, message: Message) -> Message:
+    def _execute(self, message: Message, timeout: float | None = None) -> Message:
         node = message.metadata.dst_node_id
         if node not in self.contexts:
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no executor node {node}"), reply_to=message)
+        if timeout is None:
+            return self._call(message, self.contexts[node])
+        # One long-lived worker, not a thread per call: a new thread costs torch a few ms to set up.
+        self._worker = self._worker or _Worker()
+        finished, outcome = self._worker.run(lambda: self._call(message, self.contexts[node]), timeout)
+        if not finished:  # the worker is stuck in the hung call: abandon it, ending once the call does
+            self._worker.stop()
+            self._worker = None
+            return Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                 f"timeout: the ClientApp gave no reply within {timeout:g} s"), reply_to=message)
+        if outcome is None:  # a BaseException (SystemExit, ...) ended the call
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the ClientApp ended without a reply"),
+                           reply_to=message)
+        return outcome
+
+    def _call(self, message: Message, context: Context) -> Message:
         try:
-            return self.client_app(message, self.contexts[node])
+            return self.client_app(message, context)
         except Exception as exc:  # noqa: BLE001 - a failing ClientApp is a failed task, as in Flower
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
                            reply_to=message)
@@ -68,7 +95,45 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return self.pull_messages(self.push_messages(messages, timeout))
+
+    def close(self) -> None:
+        """Let the worker thread end."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+
+class _Worker:
+    """A daemon thread that runs calls in turn, each waited for at most a timeout."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="fedkd-clientapp", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            call, box, done = item
+            try:
+                box.append(call())
+            except BaseException:  # noqa: BLE001 - ends this call, not the worker
+                pass
+            finally:
+                done.set()
+
+    def run(self, call, timeout: float) -> tuple[bool, Message | None]:
+        """(whether ``call`` finished within ``timeout`` s, what it returned)."""
+        box: list[Message] = []
+        done = threading.Event()
+        self._calls.put((call, box, done))
+        finished = done.wait(timeout)
+        return finished, (box[0] if box else None)
+
+    def stop(self) -> None:
+        self._calls.put(None)
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, executors: int = 1) -> None:
@@ -77,5 +142,8 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, executors: int =
     # runtimes set it, so this backend must too.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SERVER_NODE_ID, 1
     grid = InProcessGrid(client_app, executors)
-    server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
-                             state=RecordDict(), run_config={}))
+    try:
+        server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                                 state=RecordDict(), run_config={}))
+    finally:
+        grid.close()

@@ -4,12 +4,17 @@ The strategy's own round loop (``Strategy.start``) drives everything; fedkd
 hands it the simulated grid and closes each round in ``evaluate_fn``, which
 Flower calls after every round: the global model is scored on the test split
 and the round's traffic, energy and failures become one ``RoundRecord``.
+With a checkpoint store, the same hook saves the run after every round, and a
+resumed job restores it and lets ``Strategy.start`` run the remaining rounds
+under their own numbers (:mod:`fedkd.checkpoint`).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -28,6 +33,9 @@ from ..sim.world import DeviceWorld
 from ..training import predict_logits
 from .context import SimulationContext, simulation_context
 
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointStore
+
 ProgressFn = Callable[[str, RoundRecord, int], None]
 
 
@@ -35,6 +43,9 @@ ProgressFn = Callable[[str, RoundRecord, int], None]
 class StrategyJob:
     scenario: Scenario
     spec: StrategySpec
+    checkpoints: CheckpointStore | None = None  # save the run there after every round
+    index: int = 0  # the strategy's place in the scenario's list: names its checkpoint
+    resume: bool = False  # continue from the strategy's checkpoint, when there is one
 
     @property
     def rounds(self) -> int:
@@ -138,27 +149,54 @@ def evaluate_devices(ctx: SimulationContext, device_state: dict,
 
 
 def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = None) -> StrategyRun:
+    from .architectures import single_threaded
+
+    # The server's own scoring and training on one thread, as client tasks run: the
+    # same numbers whether a run starts fresh or resumes, whichever strategy ran first.
+    with single_threaded():
+        return _run_job(job, executors, progress)
+
+
+def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> StrategyRun:
     scenario, label = job.scenario, job.spec.run_label
     ctx = simulation_context(scenario)
     world = DeviceWorld(ctx.population, scenario.world, scenario.seed)
     recorder = RoundRecorder(label, job.spec.name, world)
     grid = SimulatedGrid(executors, world, recorder, scenario.seed, scenario.backend.timeout_s,
-                         describe=lambda device_id: node_profile(ctx, device_id), topology=scenario.topology)
+                         describe=lambda device_id: node_profile(ctx, device_id), topology=scenario.topology,
+                         num_classes=ctx.dataset.num_classes)
     ref = resolve_strategy(job.spec.name)
     strategy = ref.cls(**strategy_params(ref, scenario.strategy_defaults, job.spec.params))
     # Optional fedkd hooks a strategy may define (Flower's own strategies have none):
     # fedkd_bind(PublicSet): the shared public set; fedkd_attach_server(ctx): the
     # server's own data and model builders; fedkd_evaluate(ctx, device_state):
     # how to score the strategy's models, when neither a global model nor the
-    # devices' own models are the answer.
+    # devices' own models are the answer; fedkd_state() / fedkd_restore(state):
+    # what it keeps from round to round besides the global arrays, for checkpoints.
     if hasattr(strategy, "fedkd_bind"):
         strategy.fedkd_bind(PublicSet(len(ctx.dataset.split("public")), ctx.dataset.num_classes, scenario.seed))
     if hasattr(strategy, "fedkd_attach_server"):
         strategy.fedkd_attach_server(ctx)
     initial = ArrayRecord(ctx.new_model(scenario.training.model_tier).state_dict())
     shares = sensor_shares(ctx)
+    saved = job.checkpoints.load(job.index, label) if job.checkpoints is not None and job.resume else None
+    resumed = saved is not None and saved["state"] is not None
+    if resumed:
+        state = saved["state"]
+        initial = state["arrays"]
+        world.set_state(state["world"])
+        grid.set_state(state["grid"])
+        recorder.set_state(saved["run"])
+        if hasattr(strategy, "fedkd_restore"):
+            strategy.fedkd_restore(state["strategy"])
+    done = recorder.current_round - 1 if resumed else 0  # rounds completed after round 0
+    wall_before_s = recorder.run.wall_time_s
+    started = time.perf_counter()
 
-    def close_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def close_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resumed and flower_round == 0:
+            return None  # the initial model was scored before the run was interrupted
+        server_round = flower_round + done
         scored = strategy.fedkd_evaluate(ctx, grid.device_state) if hasattr(strategy, "fedkd_evaluate") else None
         if scored is not None:
             accuracy, metrics = scored
@@ -167,18 +205,52 @@ def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = Non
         else:
             accuracy, metrics = evaluate_devices(ctx, grid.device_state, shares)
         record = recorder.close_round(server_round, accuracy, metrics)
+        recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
+        if job.checkpoints is not None:
+            job.checkpoints.save(job.index, label, complete=False, run=recorder.get_state(), state={
+                "arrays": arrays, "strategy": strategy.fedkd_state() if hasattr(strategy, "fedkd_state") else {},
+                "world": world.get_state(), "grid": grid.get_state()})
         if progress:
             progress(label, record, job.rounds)
         return MetricRecord({"accuracy": accuracy, **metrics})
 
-    started = time.perf_counter()
     try:
-        strategy.start(grid, initial, num_rounds=job.rounds, timeout=scenario.backend.timeout_s,
-                       evaluate_fn=close_round)
+        with renumbered(strategy, done):
+            strategy.start(grid, initial, num_rounds=job.rounds - done, timeout=scenario.backend.timeout_s,
+                           evaluate_fn=close_round)
     except PopulationExhausted as exc:
         recorder.run.stopped_early = str(exc)
-    recorder.run.wall_time_s = time.perf_counter() - started
+    recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
     return recorder.run
+
+
+ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+
+
+@contextmanager
+def renumbered(strategy: Any, done: int) -> Iterator[None]:
+    """While it lasts, ``strategy`` sees round ``done + r`` where ``Strategy.start`` says ``r``.
+
+    ``Strategy.start`` numbers the rounds it runs from 1; a run resumed after
+    ``done`` rounds must give the strategy the numbers of an uninterrupted run,
+    which key its draws and go into its messages.
+    """
+    if done == 0:
+        yield
+        return
+    before = {name: vars(strategy)[name] for name in ROUND_METHODS if name in vars(strategy)}
+    for name in ROUND_METHODS:
+        method = getattr(strategy, name)
+        setattr(strategy, name, lambda server_round, *args, _method=method, **kwargs:
+                _method(server_round + done, *args, **kwargs))
+    try:
+        yield
+    finally:
+        for name in ROUND_METHODS:
+            if name in before:
+                setattr(strategy, name, before[name])
+            else:
+                delattr(strategy, name)
 
 
 def make_server_app(job: StrategyJob, sink: list[StrategyRun], progress: ProgressFn | None = None) -> ServerApp:

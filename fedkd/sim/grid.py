@@ -8,13 +8,19 @@ nodes, carrying the device id and the device's own state; then its timeline
 runs in the SimPy world with the real payload bytes and the FLOPs the client
 spent. A device that goes offline, runs flat or misses the deadline yields an
 error reply, exactly as a failed node does in Flower.
+
+Records whose key starts with ``d2d.`` travel device to device, not through
+the server: a task's are what the device receives from its neighbours (one
+message each), a reply's go to each of its ``fanout`` neighbours (the task's
+``fedkd.d2d`` record says how many). The world times them on the devices' D2D
+radio; ``bytes_up`` / ``bytes_down`` keep counting the server link only.
 """
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -25,14 +31,20 @@ from ..runtime.records import STATE, payload_bytes, reported_flops, strategy_vie
 from ..scenario import TopologySpec
 from ..seeding import derive_seed
 from .recorder import RoundRecorder
+from .replies import reply_problem
 from .telemetry import Telemetry
-from .world import OK, DeviceWorld, TaskCost
+from .world import OK, DeviceWorld, TaskCost, TaskOutcome
+
+D2D_PREFIX = "d2d."  # records timed on the device-to-device radio
+D2D_ROUTE = "fedkd.d2d"  # ConfigRecord {"fanout": n}: a reply's d2d. records go to n neighbours
 
 ERROR_CODES = {
     "deadline": ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
     "offline": ErrorCode.NODE_UNAVAILABLE,
     "battery": ErrorCode.NODE_UNAVAILABLE,
     "error": ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+    "timeout": ErrorCode.REPLY_MESSAGE_UNAVAILABLE,  # the ClientApp gave no reply in backend.timeout_s
+    "invalid": ErrorCode.CLIENT_APP_RAISED_EXCEPTION,  # the reply failed fedkd.sim.replies' checks
 }
 
 
@@ -54,16 +66,18 @@ class PopulationExhausted(RuntimeError):
 class SimulatedGrid(Grid):
     def __init__(self, executors: Grid, world: DeviceWorld, recorder: RoundRecorder, seed: int,
                  timeout_s: float, describe: Callable[[int], NodeProfile] | None = None,
-                 topology: TopologySpec | None = None):
+                 topology: TopologySpec | None = None, num_classes: int | None = None):
         self.executors, self.world, self.recorder = executors, world, recorder
         self._describe, self.topology = describe, topology
         self.seed, self.timeout_s = seed, timeout_s
+        self.num_classes = num_classes  # checks the shape of logit replies when given
         self.device_state: dict[int, object] = {}  # only devices that have state take room
         self._replies: dict[str, Message] = {}
         self._message_count = 0
         self._polls_since_send = 0
         self._last_poll_wall_s = 0.0
         self._waited_s = 0.0
+        self._d2d: dict[int, dict[str, float]] = {}  # round -> D2D bytes sent and radio energy
 
     # -- Grid API ----------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -144,6 +158,22 @@ class SimulatedGrid(Grid):
         self.recorder.record_backhaul(moved, moved * link.energy_per_byte_j)
         return duration
 
+    def d2d_traffic(self, server_round: int) -> dict[str, float]:
+        """``d2d_bytes`` (sent over device-to-device links, each copy counted) and
+        ``d2d_energy_j`` (both radios) of a round's tasks; empty if it moved none."""
+        return dict(self._d2d.get(server_round, {}))
+
+    # -- checkpoints (fedkd.checkpoint) -------------------------------------------
+    def get_state(self) -> dict:
+        """The devices' travelling state and the counters later rounds depend on."""
+        return {"device_state": dict(self.device_state), "message_count": self._message_count,
+                "polls_since_send": self._polls_since_send, "waited_s": self._waited_s, "d2d": self._d2d}
+
+    def set_state(self, state: dict) -> None:
+        self.device_state = dict(state["device_state"])
+        self._message_count, self._polls_since_send = state["message_count"], state["polls_since_send"]
+        self._waited_s, self._d2d = state["waited_s"], state["d2d"]
+
     # -- the simulated world -----------------------------------------------------
     def _run_phase(self, messages: list[Message]) -> list[Message]:
         if not messages:
@@ -164,15 +194,22 @@ class SimulatedGrid(Grid):
             else:
                 sent[device] = message
         replies = self._execute(sent, server_round)
-        costs = []
+        costs, details = [], {}
         for device, message in sent.items():
             reply = replies.get(device)
-            if reply is None or reply.has_error():
-                unreachable[device] = "error"
+            problem = None if reply is None or reply.has_error() else reply_problem(message, reply, self.num_classes)
+            if reply is None or reply.has_error() or problem:
+                unreachable[device], details[device] = _failure(reply, problem, self.timeout_s)
             else:
-                costs.append(TaskCost(device, payload_bytes(message.content),
-                                      reported_flops(reply.content), payload_bytes(reply.content)))
-        outcomes = world.run_phase(costs, unreachable)
+                d2d_in, d2d_out = _d2d_messages(message.content), _d2d_messages(reply.content)
+                fanout = int(message.content[D2D_ROUTE]["fanout"]) if D2D_ROUTE in message.content else 1
+                costs.append(TaskCost(device, payload_bytes(message.content) - sum(d2d_in),
+                                      reported_flops(reply.content), payload_bytes(reply.content) - sum(d2d_out),
+                                      sum(d2d_in), len(d2d_in), fanout * sum(d2d_out), fanout * len(d2d_out)))
+        # An invalid reply arrives at once: the world times it as an error reply.
+        outcomes = world.run_phase(costs, {d: "error" if r == "invalid" else r for d, r in unreachable.items()})
+        outcomes = [replace(o, reason="invalid") if unreachable.get(o.device_id) == "invalid" else o for o in outcomes]
+        self._count_d2d(server_round, outcomes)
         phase = messages[0].metadata.message_type.split(".")[0]
         self.recorder.record_phase(phase, outcomes)
         by_device = {m.metadata.dst_node_id: m for m in messages}
@@ -185,10 +222,17 @@ class SimulatedGrid(Grid):
                     self.device_state[o.device_id] = content[STATE]
                 out.append(Message(strategy_view(content), reply_to=original))
             else:
-                detail = replies[o.device_id].error.reason if o.reason == "error" and o.device_id in replies else ""
+                detail = details.get(o.device_id, "") if o.reason in ("error", "invalid", "timeout") else ""
                 error = Error(ERROR_CODES[o.reason], f"fedkd: {o.reason}" + (f": {detail}" if detail else ""))
                 out.append(Message(error, reply_to=original))
         return out
+
+    def _count_d2d(self, server_round: int, outcomes: list[TaskOutcome]) -> None:
+        moved = sum(o.d2d_bytes_out for o in outcomes)
+        if moved or any(o.d2d_bytes_in for o in outcomes):
+            usage = self._d2d.setdefault(server_round, {"d2d_bytes": 0.0, "d2d_energy_j": 0.0})
+            usage["d2d_bytes"] += moved
+            usage["d2d_energy_j"] += sum(o.d2d_energy_j for o in outcomes)
 
     def _execute(self, sent: dict[int, Message], server_round: int) -> dict[int, Message]:
         """Run each device's task on an executor node; returns replies by device."""
@@ -208,3 +252,19 @@ class SimulatedGrid(Grid):
             inner_to_device[task.metadata.message_id] = device
         return {inner_to_device[r.metadata.reply_to_message_id]: r for r in replies
                 if r.metadata.reply_to_message_id in inner_to_device}
+
+
+def _d2d_messages(content: RecordDict) -> list[int]:
+    """Bytes of each device-to-device record of ``content``, one message each."""
+    return [payload_bytes(RecordDict({key: record})) for key, record in content.items()
+            if key.startswith(D2D_PREFIX)]
+
+
+def _failure(reply: Message | None, problem: str | None, timeout_s: float) -> tuple[str, str]:
+    """(reason, detail) of a task whose reply is missing, an error, or fails the checks."""
+    if reply is None:  # the backend gave up waiting (Flower's grids drop such replies)
+        return "timeout", f"no reply within {timeout_s:g} s"
+    if problem:
+        return "invalid", problem
+    timed_out = reply.error.code == ERROR_CODES["timeout"]
+    return ("timeout" if timed_out else "error"), reply.error.reason

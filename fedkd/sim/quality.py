@@ -82,6 +82,13 @@ class QualityChains:
         uniform = hashed_uniform(np.arange(len(before)), self.seed, "quality-bridge", *draw_key)
         return self._draw(cdf, uniform)
 
+    def get_state(self) -> dict:
+        """Each device's current state, for checkpoints (the rest follows from the scenario)."""
+        return {"state": self.state.copy()}
+
+    def set_state(self, state: dict) -> None:
+        self.state = np.array(state["state"], dtype=np.int8)
+
     def bandwidth_factor(self, ids: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
         return self.bandwidth[self.class_index[ids], (self.state if state is None else state)[ids]]
 

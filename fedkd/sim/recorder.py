@@ -1,6 +1,10 @@
 """Collects what the simulated grid observes, round by round."""
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
+import numpy as np
+
 from ..results import DeviceRecord, RoundRecord, StrategyRun
 from .world import OK, DeviceWorld, TaskOutcome
 
@@ -54,3 +58,44 @@ class RoundRecorder:
         if not self._backhaul_bytes:
             return {}
         return {"backhaul_bytes": float(self._backhaul_bytes), "backhaul_energy_j": self._backhaul_energy_j}
+
+    # -- checkpoints (fedkd.checkpoint) -------------------------------------------
+    def get_state(self) -> dict:
+        """The rounds and device rows so far, and what the open round has gathered."""
+        return {**run_state(self.run), "pending": _columns(self._pending),
+                "backhaul": (self._backhaul_bytes, self._backhaul_energy_j)}
+
+    def set_state(self, state: dict) -> None:
+        self.run = run_from_state(self.run.label, self.run.strategy, state)
+        self._pending = _rows(state["pending"])
+        self._backhaul_bytes, self._backhaul_energy_j = state["backhaul"]
+
+
+def run_state(run: StrategyRun) -> dict:
+    """A run's records as numbers, strings and arrays, for checkpoints."""
+    return {"rounds": [asdict(r) for r in run.rounds], "devices": _columns(run.devices),
+            "stopped_early": run.stopped_early, "wall_time_s": run.wall_time_s}
+
+
+def run_from_state(label: str, strategy: str, state: dict) -> StrategyRun:
+    """The inverse of :func:`run_state` (and of the run part of ``RoundRecorder.get_state``)."""
+    return StrategyRun(label=label, strategy=strategy, rounds=[RoundRecord(**r) for r in state["rounds"]],
+                       devices=_rows(state["devices"]), stopped_early=state["stopped_early"],
+                       wall_time_s=state["wall_time_s"])
+
+
+def _columns(records: list[DeviceRecord]) -> dict[str, list | np.ndarray]:
+    """Device rows as columns: numbers as arrays (compact in a checkpoint), the rest as lists."""
+    out: dict[str, list | np.ndarray] = {}
+    for f in fields(DeviceRecord):
+        values = [getattr(r, f.name) for r in records]
+        numeric = values and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values)
+        out[f.name] = np.array(values) if numeric else values
+    return out
+
+
+def _rows(columns: dict[str, list | np.ndarray]) -> list[DeviceRecord]:
+    names = [f.name for f in fields(DeviceRecord)]
+    count = len(columns[names[0]])
+    return [DeviceRecord(**{n: columns[n][i].item() if isinstance(columns[n], np.ndarray) else columns[n][i]
+                            for n in names}) for i in range(count)]

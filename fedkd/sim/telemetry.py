@@ -62,6 +62,17 @@ class ReportLog:
                 value = value * self._noise(ids, name)
             self.values[name][ids] = value
 
+    def get_state(self) -> dict:
+        """Every device's last report and the report count (it keys the noise), for checkpoints."""
+        return {"reported_at_s": self.reported_at_s.copy(), "online": self.online.copy(),
+                "values": {name: v.copy() for name, v in self.values.items()}, "reports": self._reports}
+
+    def set_state(self, state: dict) -> None:
+        self.reported_at_s = np.array(state["reported_at_s"], dtype=np.float64)
+        self.online = np.array(state["online"], dtype=bool)
+        self.values = {name: np.array(state["values"][name], dtype=np.float32) for name in REPORTED}
+        self._reports = int(state["reports"])
+
     def _noise(self, ids: np.ndarray, name: str) -> np.ndarray:
         # Box-Muller from two hashed uniforms: a standard normal per device, a pure
         # function of (seed, report event, quantity, device).

@@ -21,6 +21,13 @@ log-normal jitter per device and round. A device that goes offline or whose
 battery runs out mid-task fails at that moment; one still busy at the round
 deadline aborts there and fails with ``deadline``. A device that completes a
 task reports its state (:mod:`fedkd.sim.telemetry`).
+
+A task may also move bytes over the device-to-device (D2D) radio: it first
+receives its neighbours' messages, last sends its own to each neighbour, at
+the class's ``d2d_bps`` (with the task's downlink / uplink jitter) and
+``d2d_latency_s`` per message; a class without a D2D radio of its own uses its
+downlink to receive and its uplink to send. A leg that moves no bytes is not
+run, so a task that uses only the D2D radio never touches the server link.
 """
 from __future__ import annotations
 
@@ -48,6 +55,10 @@ class TaskCost:
     bytes_down: int
     flops: float
     bytes_up: int
+    d2d_bytes_in: int = 0  # received from neighbours over the D2D radio
+    d2d_messages_in: int = 0
+    d2d_bytes_out: int = 0  # sent to neighbours: each message once per neighbour
+    d2d_messages_out: int = 0
 
 
 @dataclass
@@ -61,6 +72,9 @@ class TaskOutcome:
     bytes_up: int
     energy_j: float
     battery_j: float  # charge left after the task
+    d2d_bytes_in: int = 0
+    d2d_bytes_out: int = 0
+    d2d_energy_j: float = 0.0  # the part of energy_j spent on the D2D radio
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,8 @@ class _Stage:
     energy_j: float
     bytes_down: int = 0
     bytes_up: int = 0
+    d2d_in: int = 0
+    d2d_out: int = 0
 
 
 class DeviceWorld:
@@ -91,6 +107,9 @@ class DeviceWorld:
         self.idle_w = col("idle_power_w", 0.0)
         self.uplink_bps, self.downlink_bps = col("uplink_bps"), col("downlink_bps")
         self.compute_flops = col("compute_flops")
+        # NaN: the class has no D2D radio of its own (see _task_rates and _stages).
+        self.d2d_bps, self.d2d_latency_s = col("d2d_bps", np.nan), col("d2d_latency_s", np.nan)
+        self.energy_per_byte_d2d_j = col("energy_per_byte_d2d_j", np.nan)
         self.charge = [ChargeProfile(c, spec.start_hour) for c in classes]
         self.quality = QualityChains(classes, self.class_index, seed)
         # Hour-of-day multipliers, one row of 24 per class.
@@ -133,6 +152,23 @@ class DeviceWorld:
                 out[f"battery_mean_j_{c.name}"] = float(charge.mean())
                 out[f"battery_min_j_{c.name}"] = float(charge.min())
         return out
+
+    def get_state(self) -> dict:
+        """What changes as the world runs, for checkpoints (fedkd.checkpoint); the rest
+        follows from the scenario. Between phases no SimPy event is pending, so the
+        clock's time is all of the environment there is to keep."""
+        return {"now_s": self.env.now, "steps": self._steps, "battery_j": self.battery_j.copy(),
+                "online": self.online.copy(), "flat": self.flat.copy(), "quality": self.quality.get_state(),
+                "reports": self.reports.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.env = simpy.Environment(initial_time=state["now_s"])
+        self._steps = int(state["steps"])
+        self.battery_j = np.array(state["battery_j"], dtype=np.float64)
+        self.online = np.array(state["online"], dtype=bool)
+        self.flat = np.array(state["flat"], dtype=bool)
+        self.quality.set_state(state["quality"])
+        self.reports.set_state(state["reports"])
 
     def expected_rates(self, ids: np.ndarray, t_s: float,
                        quality: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,27 +311,45 @@ class DeviceWorld:
         self._evolve(start, self.now_s, idle)
         return [outcomes[k] for k in sorted(outcomes)]
 
-    def _task_rates(self, device: int, rng: np.random.Generator) -> tuple[float, float, float]:
-        """(compute FLOP/s, downlink bps, uplink bps) for this task: expected rates with jitter;
-        a replayed quantity is taken as measured, without jitter."""
+    def _task_rates(self, device: int, rng: np.random.Generator) -> tuple[float, float, float, float, float]:
+        """(compute FLOP/s, downlink bps, uplink bps, D2D receive bps, D2D send bps) for this
+        task: expected rates with jitter; a replayed quantity is taken as measured, without jitter."""
         up, down, flops = (float(x[0]) for x in self.expected_rates(np.array([device]), self.now_s))
         c = self.population.classes[self.class_index[device]]
         # Three draws in a fixed order, used or not, so each task's stream stays the same.
         jitter = np.exp(c.jitter_sigma * rng.standard_normal(3))
         replayed = lambda column: self.traces.replayed(device, column)  # noqa: E731
-        return (flops if replayed("compute_flops") else flops * jitter[0],
-                down if replayed("downlink_bps") else down * jitter[1],
-                up if replayed("uplink_bps") else up * jitter[2])
+        down = down if replayed("downlink_bps") else down * jitter[1]
+        up = up if replayed("uplink_bps") else up * jitter[2]
+        # The D2D radio shares the link's luck (jitter) in each direction, not its
+        # quality states or hour-of-day factors, which model the operator's network.
+        d2d = self.d2d_bps[device]
+        d2d_in, d2d_out = (down, up) if np.isnan(d2d) else (d2d * jitter[1], d2d * jitter[2])
+        return (flops if replayed("compute_flops") else flops * jitter[0], down, up, d2d_in, d2d_out)
 
-    def _stages(self, cost: TaskCost, speed_flops: float, down_bps: float, up_bps: float) -> list[_Stage]:
-        c = self.population.classes[self.class_index[cost.device_id]]
-        return [
+    def _stages(self, cost: TaskCost, speed_flops: float, down_bps: float, up_bps: float,
+                d2d_in_bps: float, d2d_out_bps: float) -> list[_Stage]:
+        device = cost.device_id
+        c = self.population.classes[self.class_index[device]]
+        d2d_latency_s = self.d2d_latency_s[device]
+        d2d_latency_s = c.latency_s if np.isnan(d2d_latency_s) else d2d_latency_s
+        d2d_j = self.energy_per_byte_d2d_j[device]
+        d2d_in_j, d2d_out_j = (c.energy_per_byte_down_j, c.energy_per_byte_up_j) if np.isnan(d2d_j) else (d2d_j, d2d_j)
+        stages = [
             _Stage("downlink", c.latency_s + 8 * cost.bytes_down / down_bps,
                    cost.bytes_down * c.energy_per_byte_down_j, bytes_down=cost.bytes_down),
+            _Stage("d2d_receive", cost.d2d_messages_in * d2d_latency_s + 8 * cost.d2d_bytes_in / d2d_in_bps,
+                   cost.d2d_bytes_in * d2d_in_j, d2d_in=cost.d2d_bytes_in),
             _Stage("compute", cost.flops / speed_flops, cost.flops * c.energy_per_flop_j),
+            _Stage("d2d_send", cost.d2d_messages_out * d2d_latency_s + 8 * cost.d2d_bytes_out / d2d_out_bps,
+                   cost.d2d_bytes_out * d2d_out_j, d2d_out=cost.d2d_bytes_out),
             _Stage("uplink", c.latency_s + 8 * cost.bytes_up / up_bps,
                    cost.bytes_up * c.energy_per_byte_up_j, bytes_up=cost.bytes_up),
         ]
+        # A leg with nothing to move is not a leg: no message, no latency.
+        legs = {"downlink": cost.bytes_down, "d2d_receive": cost.d2d_messages_in,
+                "d2d_send": cost.d2d_messages_out, "uplink": cost.bytes_up}
+        return [s for s in stages if legs.get(s.name, 1)]
 
     def _online_left_s(self, device: int, rng: np.random.Generator) -> float:
         # Online time left is exponential (memoryless chain), drawn once per task;
@@ -314,6 +368,7 @@ class DeviceWorld:
         deadline_s = self.spec.round_deadline_s
         start = self.env.now
         spent_j, moved_down, moved_up, reason = 0.0, 0, 0, ""
+        d2d_in, d2d_out, d2d_j = 0, 0, 0.0
         for stage in stages:
             elapsed = self.env.now - start
             charge_j = max(self.battery_j[device] - self.spec.battery_floor_j, 0.0)
@@ -334,6 +389,10 @@ class DeviceWorld:
             spent_j += used_j
             moved_down += int(stage.bytes_down * done)
             moved_up += int(stage.bytes_up * done)
+            d2d_in += int(stage.d2d_in * done)
+            d2d_out += int(stage.d2d_out * done)
+            if stage.d2d_in or stage.d2d_out:
+                d2d_j += used_j
             if reason:
                 break
         if reason == "offline":
@@ -342,8 +401,9 @@ class DeviceWorld:
             self.flat[device] = True
         if not reason:
             # The reply carries the device's report: its battery now and the rates it achieved.
-            speed_flops, down_bps, up_bps = rates
+            speed_flops, down_bps, up_bps = rates[:3]
             self.reports.record(np.array([device]), self.env.now, True, battery_j=self.battery_j[device],
                                 uplink_bps=up_bps, downlink_bps=down_bps, compute_flops=speed_flops)
         outcomes[device] = TaskOutcome(device, FAILED if reason else OK, reason, start, self.env.now,
-                                       moved_down, moved_up, spent_j, float(self.battery_j[device]))
+                                       moved_down, moved_up, spent_j, float(self.battery_j[device]),
+                                       d2d_in, d2d_out, d2d_j)

@@ -1,0 +1,214 @@
+"""Checkpoints: a run killed at any moment continues from its last completed round.
+
+After every round a strategy completes, the server saves everything the rest
+of the run depends on to ``<out>/.checkpoint/<n>-<label>.pt``: the global
+arrays, the strategy's own state (``fedkd_state()``), the simulated world
+(clock, draw counter, batteries, availability, quality states, telemetry),
+the grid (the devices' travelling state, message counters) and the recorder
+(the rounds and device rows so far). A strategy that has finished is saved
+once more, as its results only. ``fedkd simulate ... --resume`` skips the
+finished strategies and restarts the others from their last round; every
+draw in fedkd is keyed by (seed, round, device, ...), never by call order, so
+the resumed run writes the same ``rounds.csv`` as one that was never stopped.
+The folder is removed once the results are written.
+
+Safety: a checkpoint holds only tensors, numbers, strings and lists, tuples
+and dicts of them (numpy arrays, bytes and Flower's Array-, Config- and
+MetricRecords are turned into those and tagged), written with ``torch.save`` and read with
+``torch.load(..., weights_only=True)``, which refuses anything else: opening
+a checkpoint never runs code. Each file is written to a temporary name and
+renamed into place (:func:`fedkd.report.atomic_write_bytes`), so a kill
+leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from .errors import FedkdError
+from .report import atomic_write_bytes
+from .scenario import Scenario
+
+FOLDER = ".checkpoint"
+FORMAT = 1
+_NDARRAY, _BYTES, _ARRAY_RECORD = "__fedkd_ndarray__", "__fedkd_bytes__", "__fedkd_arrayrecord__"
+_CONFIG_RECORD, _METRIC_RECORD = "__fedkd_configrecord__", "__fedkd_metricrecord__"
+
+
+class CheckpointError(FedkdError):
+    """A checkpoint that cannot be used: unreadable, or written by a different run."""
+
+
+def run_identity(scenario: Scenario) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the scenario's settings, seed and strategies.
+
+    The backend is left out: it says how the run executes, not what it computes.
+    """
+    settings = scenario.model_dump_json(exclude={"backend"})
+    return {"scenario": scenario.name, "seed": scenario.seed,
+            "strategies": [s.run_label for s in scenario.strategies],
+            "settings_sha256": hashlib.sha256(settings.encode()).hexdigest()}
+
+
+class CheckpointStore:
+    """The checkpoint files of one results folder, for one scenario."""
+
+    def __init__(self, out_dir: str | Path, scenario: Scenario):
+        self.folder = Path(out_dir) / FOLDER
+        self.identity = run_identity(scenario)
+
+    def path(self, index: int, label: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+        return self.folder / f"{index}-{safe}.pt"
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.glob("*.pt"))
+
+    def save(self, index: int, label: str, *, complete: bool, run: dict[str, Any],
+             state: dict[str, Any] | None = None) -> None:
+        """Write strategy ``index``'s checkpoint: its results so far and, while it runs, its state."""
+        payload = {"format": FORMAT, "identity": self.identity, "label": label, "complete": complete,
+                   "run": run, "state": state}
+        buffer = io.BytesIO()
+        torch.save(encode(payload), buffer)
+        atomic_write_bytes(self.path(index, label), buffer.getvalue())
+
+    def load(self, index: int, label: str) -> dict[str, Any] | None:
+        """Strategy ``index``'s checkpoint, checked against this run; None if there is none."""
+        path = self.path(index, label)
+        if not path.is_file():
+            return None
+        payload = self._read(path)
+        if payload.get("label") != label:
+            raise CheckpointError(f"{path}: holds strategy {payload.get('label')!r}, not {label!r}; "
+                                  "run without --resume to start over")
+        return payload
+
+    def inspect(self) -> dict[str, dict[str, Any]]:
+        """Every checkpoint in the folder, by label: ``complete`` and ``rounds`` closed so far.
+
+        A CheckpointError (one line) if any was written by a different scenario,
+        seed or strategy list.
+        """
+        found = {}
+        for path in sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []:
+            payload = self._read(path)
+            rounds = len(payload["run"]["rounds"]) - 1  # round 0 is the initial model
+            found[payload["label"]] = {"complete": bool(payload["complete"]), "rounds": max(rounds, 0)}
+        return found
+
+    def clear(self) -> None:
+        """Remove the checkpoint files (and temporaries a kill left behind), then the folder."""
+        if not self.folder.is_dir():
+            return
+        for path in list(self.folder.glob("*.pt")) + list(self.folder.glob(".*.pt.*.tmp")):
+            path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # a file fedkd did not write: leave the folder to its owner
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        try:
+            raw = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem for the user
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable fedkd checkpoint ({first_line}); "
+                                  "run without --resume to start over") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a fedkd checkpoint of format {FORMAT}; "
+                                  "run without --resume to start over")
+        self._check_identity(path, raw.get("identity"))
+        return decode(raw)
+
+    def _check_identity(self, path: Path, identity: Any) -> None:
+        mine = self.identity
+        if identity == mine:
+            return
+        if not isinstance(identity, dict):
+            problem = "it names no run"
+        elif identity.get("scenario") != mine["scenario"]:
+            problem = f"it is from scenario {identity.get('scenario')!r}, not {mine['scenario']!r}"
+        elif identity.get("seed") != mine["seed"]:
+            problem = f"it is for seed {identity.get('seed')}, not {mine['seed']}"
+        elif identity.get("strategies") != mine["strategies"]:
+            problem = f"it is for strategies {identity.get('strategies')}, not {mine['strategies']}"
+        else:
+            problem = f"scenario {mine['scenario']!r} has changed since it was written"
+        raise CheckpointError(f"{path}: cannot resume: {problem}; run without --resume to start over")
+
+
+# -- what may go into a checkpoint -------------------------------------------------
+
+_RECORDS = {_CONFIG_RECORD: ConfigRecord, _METRIC_RECORD: MetricRecord}
+
+
+def encode(value: Any) -> Any:
+    """``value`` as tensors, numbers, strings and containers only (arrays, bytes, records tagged)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError("cannot checkpoint a numpy array of Python objects")
+        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True, order="C"))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return {_BYTES: _byte_tensor(value)}
+    for tag, record in _RECORDS.items():
+        if isinstance(value, record):
+            return {tag: [(key, encode(v)) for key, v in value.items()]}
+    if isinstance(value, ArrayRecord):
+        return {_ARRAY_RECORD: [(key, array.dtype, list(array.shape), array.stype, _byte_tensor(array.data))
+                                for key, array in value.items()]}
+    if isinstance(value, dict):
+        return {_key(k): encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [encode(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"cannot checkpoint a {type(value).__name__}: only tensors, numpy arrays, bytes, "
+                    "Flower records, numbers, strings and lists, tuples and dicts of them")
+
+
+def decode(value: Any) -> Any:
+    """The inverse of :func:`encode`: tagged values come back as what they were."""
+    if isinstance(value, dict):
+        if _NDARRAY in value:
+            return value[_NDARRAY].numpy().copy()
+        if _BYTES in value:
+            return value[_BYTES].numpy().tobytes()
+        for tag, record in _RECORDS.items():
+            if tag in value:
+                return record({key: decode(v) for key, v in value[tag]})
+        if _ARRAY_RECORD in value:
+            return ArrayRecord(array_dict={key: Array(dtype=dtype, shape=tuple(shape), stype=stype,
+                                                      data=data.numpy().tobytes())
+                                           for key, dtype, shape, stype, data in value[_ARRAY_RECORD]})
+        return {k: decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(decode(v) for v in value)
+    return value
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    # frombuffer refuses an empty buffer
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _key(key: Any) -> str | int:
+    if isinstance(key, np.integer):
+        return int(key)
+    if isinstance(key, (str, int)) and not isinstance(key, bool):
+        return key
+    raise TypeError(f"cannot checkpoint a dict keyed by {type(key).__name__}: use str or int keys")

@@ -1,0 +1,185 @@
+"""Gossip KD: serverless distillation between neighbours on a device-to-device graph (Bistritz et al. 2020).
+
+Bistritz, Mann & Bambos, "Distributed Distillation for On-Device Learning",
+NeurIPS 2020,
+https://proceedings.neurips.cc/paper/2020/hash/fef6f971605336724b5e6c0c12dc2534-Abstract.html:
+devices exchange soft decisions on batches of a shared unlabeled reference
+set with their neighbours only, and each minimises its own loss plus a
+distillation term towards each neighbour. Optional auxiliary heads, one per
+neighbour, follow Zhmoginov et al., "Decentralized Learning with
+Multi-Headed Distillation", CVPR 2023, https://arxiv.org/abs/2211.15774.
+
+There is no aggregator. This class is only the simulation's orchestrator;
+each round it
+
+1. takes the devices online now (all of them take part);
+2. builds the round's device-to-device graph (:mod:`fedkd.topology`:
+   ``ring``, ``k_regular``, ``geometric``, ``time_varying``);
+3. hands each device what its neighbours pushed to it when they last
+   finished (records ``d2d.from.<j>``), and the protocol's constants;
+4. files each finished device's new predictions (``d2d.logits``) for each of
+   its neighbours in this round's graph, and forgets what that device has
+   just consumed.
+
+The relay is the simulation's convenience, not traffic: the grid times the
+predictions on the devices' D2D radios (sent once per neighbour, received
+once each) and counts them as ``d2d_bytes``, never as ``bytes_up`` /
+``bytes_down``, which stay 0. The round ends with the slowest device's
+exchange. A push reaches a neighbour at its next task, so a device that was
+offline picks up what was sent to it when it returns; its receive leg is
+timed then.
+
+Devices keep their own models (any tier, any sensors): :mod:`fedkd.runtime.gossip_client`.
+Scores: the mean test accuracy of the devices' own models, as for the other
+strategies whose devices keep their models (``accuracy_min`` is the worst),
+plus ``disagreement``: over the round's edges, the share of test samples on
+which the two neighbours predict different classes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from fedkd.codecs import get_codec
+from fedkd.device_models import model_key, unpack
+from fedkd.runtime.gossip_client import FROM, GOSSIP, MESSAGE_TYPE, REPLY, strip_heads
+from fedkd.runtime.server import evaluate_devices
+from fedkd.seeding import derive_seed, rng_for
+from fedkd.sim.grid import D2D_ROUTE
+from fedkd.topology import KINDS, Graph, edges, round_graph
+from fedkd.training import predict_logits
+
+SHARES_WEIGHTS = False
+
+# Disagreement is scored on at most this many of the round's edges (a seeded sample).
+DISAGREEMENT_EDGES = 48
+
+
+class GossipKD(Strategy):
+    def __init__(self, topology: str = "ring", degree: int = 4, radio_range: float = 0.3,
+                 public_batch: int = 128, codec: str = "fp32", temperature: float = 1.0,
+                 distill_weight: float = 0.25, aux_heads: bool = False, local_epochs: int | None = None,
+                 learning_rate: float | None = None, min_available_nodes: int = 2):
+        if topology not in KINDS:
+            raise ValueError(f"topology must be one of {', '.join(KINDS)}, got {topology!r}")
+        if degree < 1:
+            raise ValueError(f"degree must be positive, got {degree}")
+        if radio_range <= 0:
+            raise ValueError(f"radio_range must be positive, got {radio_range}")
+        if public_batch < 1:
+            raise ValueError(f"public_batch must be positive, got {public_batch}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if distill_weight < 0:
+            raise ValueError(f"distill_weight must be 0 or more, got {distill_weight}")
+        get_codec(codec)  # fail now on a bad codec name
+        self.topology, self.degree, self.radio_range = topology, degree, radio_range
+        self.min_available_nodes = min_available_nodes
+        protocol = {"public-batch": public_batch, "codec": codec, "temperature": float(temperature),
+                    "distill-weight": float(distill_weight), "aux-heads": bool(aux_heads)}
+        if local_epochs is not None:
+            protocol["local-epochs"] = int(local_epochs)
+        if learning_rate is not None:
+            protocol["learning-rate"] = float(learning_rate)
+        self.protocol = ConfigRecord(protocol)
+        self.population_size: int | None = None
+        self.seed = 0
+        self.graph: Graph = {}  # this round's
+        self.inbox: dict[int, dict[int, ConfigRecord]] = {}  # receiver -> sender -> its last push
+        self._grid: Grid | None = None
+        self._round = 0
+
+    def fedkd_attach_server(self, ctx) -> None:
+        """Called by fedkd before round 1: the population's size and seed, for the graphs."""
+        self.population_size, self.seed = ctx.population.size, ctx.scenario.seed
+
+    def fedkd_state(self) -> dict:
+        """What later rounds depend on, for checkpoints: the predictions waiting for each device."""
+        return {"inbox": self.inbox}
+
+    def fedkd_restore(self, state: dict) -> None:
+        self.inbox = {int(k): {int(s): r for s, r in mail.items()} for k, mail in state["inbox"].items()}
+
+    # -- Flower's Strategy API ----------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t├──> GossipKD: %s graph, public batch %d, codec %s, no aggregator", self.topology,
+            self.protocol["public-batch"], self.protocol["codec"])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.population_size is None:
+            raise RuntimeError("GossipKD needs fedkd_attach_server() before round 1")
+        self._grid, self._round = grid, server_round
+        _, online = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        self.graph = round_graph(self.topology, self.population_size, online, seed=self.seed,
+                                 server_round=server_round, degree=self.degree, radio_range=self.radio_range)
+        messages = []
+        for device, neighbours in self.graph.items():
+            content = {GOSSIP: self.protocol, D2D_ROUTE: ConfigRecord({"fanout": len(neighbours)})}
+            for sender, pushed in sorted(self.inbox.get(device, {}).items()):
+                content[f"{FROM}{sender}"] = pushed
+            messages.append(Message(RecordDict(content), device, MESSAGE_TYPE))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        done = [r for r in replies if not r.has_error()]
+        for reply in done:  # what a device received, it has digested
+            self.inbox.pop(reply.metadata.src_node_id, None)
+        for reply in done:
+            sender = reply.metadata.src_node_id
+            for neighbour in self.graph[sender]:
+                self.inbox.setdefault(neighbour, {})[sender] = reply.content[REPLY]
+        return None, MetricRecord({"devices": len(done), "failed": len(replies) - len(done)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # -- fedkd's scoring hook ---------------------------------------------------------
+    def fedkd_evaluate(self, ctx, device_state: dict) -> tuple[float, dict[str, float]]:
+        """The devices' own models on the test split, their disagreement across edges, D2D traffic."""
+        models = {d: strip_heads(s) for d, s in device_state.items()}
+        accuracy, metrics = evaluate_devices(ctx, models)
+        pairs = edges(self.graph)
+        if pairs:
+            metrics["disagreement"] = self._disagreement(ctx, models, pairs)
+            metrics["graph_edges"] = float(len(pairs))
+        if self._grid is not None and hasattr(self._grid, "d2d_traffic"):
+            metrics.update(self._grid.d2d_traffic(self._round))
+        return accuracy, metrics
+
+    def _disagreement(self, ctx, models: dict[int, ArrayRecord], pairs: list[tuple[int, int]]) -> float:
+        if len(pairs) > DISAGREEMENT_EDGES:
+            rng = rng_for(self.seed, "disagreement", self._round)
+            pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), DISAGREEMENT_EDGES, replace=False))]
+        test = ctx.test_split
+
+        def predictions(device: int) -> np.ndarray:
+            tier = ctx.population.class_of(device).model_tier or ctx.scenario.training.model_tier
+            modalities = ctx.modalities_of(device)
+            key = model_key(tier, modalities)
+            model = ctx.new_model(tier, seed=derive_seed(ctx.scenario.seed, "device-model", device, key),
+                                  modalities=modalities)
+            weights = unpack(models.get(device), key)
+            if weights is not None:
+                model.load_state_dict(weights)
+            return predict_logits(model, test, modalities).argmax(1).numpy()
+
+        return disagreement({d: predictions(d) for d in sorted({d for pair in pairs for d in pair})}, pairs)
+
+
+def disagreement(predicted: dict[int, np.ndarray], pairs: list[tuple[int, int]]) -> float:
+    """Mean over ``pairs`` of the share of samples on which the two devices' predicted classes differ."""
+    return float(np.mean([(predicted[a] != predicted[b]).mean() for a, b in pairs]))
