@@ -7,6 +7,8 @@ and model size from the scenario. It reports the FLOPs it spent
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -150,45 +152,34 @@ def _strategy_records_config(message: Message) -> ConfigRecord:
     return configs[0] if configs else ConfigRecord()
 
 
-def make_client_app(scenario: Scenario) -> ClientApp:
-    """A ClientApp bound to ``scenario``; the closure holds only the (small) scenario."""
-    app = ClientApp()
+# Every task a device can be sent, by Flower message type (category, action).
+HANDLERS: dict[tuple[str, str | None], Callable[[Scenario, Message], Message]] = {
+    ("train", None): handle_train,
+    ("train", "logits"): handle_logits,
+    ("train", "gossip"): handle_gossip,
+    ("train", "architecture"): handle_train_own_architecture,
+    ("train", "teacher"): handle_teacher,
+    ("query", "teacher"): handle_teacher_query,
+    ("evaluate", None): handle_evaluate,
+}
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
+
+def make_client_app(scenario: Scenario | Callable[[Context], Scenario]) -> ClientApp:
+    """A ClientApp for ``scenario``, or for the scenario a function finds in the
+    run's context (as under ``flwr run``). The closure holds only the scenario."""
+    app = ClientApp()
+    scenario_of = scenario if callable(scenario) else (lambda context: scenario)
+    for (category, action), handler in HANDLERS.items():
+        register = getattr(app, category)
+        (register(action) if action else register())(_bound(handler, scenario_of))
+    return app
+
+
+def _bound(handler, scenario_of):
+    def run(message: Message, context: Context) -> Message:
         # One thread per task: the same numbers on every backend, and executors
         # running side by side do not fight over cores.
         torch.set_num_threads(1)
-        return handle_train(scenario, message)
+        return handler(scenario_of(context), message)
 
-    @app.train("logits")
-    def train_logits(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_logits(scenario, message)
-
-    @app.train("gossip")
-    def train_gossip(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_gossip(scenario, message)
-
-    @app.train("architecture")
-    def train_architecture(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_train_own_architecture(scenario, message)
-
-    @app.train("teacher")
-    def train_teacher(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_teacher(scenario, message)
-
-    @app.query("teacher")
-    def query_teacher(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_teacher_query(scenario, message)
-
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        return handle_evaluate(scenario, message)
-
-    return app
+    return run

@@ -1,0 +1,47 @@
+"""fedkd's ServerApp and ClientApp as a Flower app, for ``flwr run``.
+
+The same apps the ``inprocess`` and ``ray`` backends run; here Flower's own
+runtime (a SuperLink and SuperNodes, simulated or real) drives them. The run
+config names the scenario file (``scenario``) and the results folder
+(``out``); see ``flwr_app/pyproject.toml`` and the README.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .runtime.client import make_client_app
+from .runtime.server import StrategyJob, run_job
+from .scenario import Scenario, load_scenario
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@lru_cache(maxsize=4)
+def _scenario(path: str) -> Scenario:
+    return load_scenario(path)
+
+
+def scenario_of(context: Context) -> Scenario:
+    return _scenario(str(Path(str(context.run_config["scenario"])).expanduser()))
+
+
+client_app = make_client_app(scenario_of)
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from .report import versions, write_results
+
+    scenario = scenario_of(context)
+    runs = [run_job(StrategyJob(scenario, spec), grid) for spec in scenario.strategies]
+    out = Path(str(context.run_config.get("out", f"results/{scenario.name}-flwr"))).expanduser()
+    write_results(out, runs, {"scenario": scenario.name, "scenario_file": str(context.run_config["scenario"]),
+                              "seed": scenario.seed, "rounds": scenario.rounds, "backend": "flwr run",
+                              "devices": scenario.population.devices, "dataset": scenario.data.dataset,
+                              "versions": versions(), "scenario_config": scenario.model_dump(mode="json")})
