@@ -28,7 +28,7 @@ ROUND_COLUMNS = ["strategy", "round", "sim_time_s", "accuracy", "bytes_up", "byt
 DEVICE_COLUMNS = ["strategy", "round", "phase", "device_id", "device_class", "status", "reason", "start_s",
                   "end_s", "bytes_down", "bytes_up", "energy_j", "battery_j"]
 PLOTS = {"accuracy_vs_time.png": ("sim_time_s", "simulated time (s)"),
-         "accuracy_vs_bytes.png": ("cum_bytes", "bytes moved, up + down (cumulative)"),
+         "accuracy_vs_bytes.png": ("cum_bytes", "bytes devices moved: up + down + device-to-device (cumulative)"),
          "accuracy_vs_energy.png": ("cum_energy_j", "device energy (J, cumulative)")}
 
 
@@ -55,7 +55,8 @@ def rounds_frame(runs: list[StrategyRun]) -> pd.DataFrame:
     for run in runs:
         cum_bytes, cum_energy = 0, 0.0
         for r in run.rounds:
-            cum_bytes += r.bytes_up + r.bytes_down
+            # Everything the devices' radios carried: server links and device-to-device links.
+            cum_bytes += r.bytes_up + r.bytes_down + int(r.metrics.get("d2d_bytes", 0))
             cum_energy += r.energy_j
             row = {k: v for k, v in asdict(r).items() if k != "metrics"}
             row.update(cum_bytes=cum_bytes, cum_energy_j=cum_energy, **r.metrics)
