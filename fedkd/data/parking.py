@@ -72,7 +72,13 @@ def _hash_uniform(key: int, idx: np.ndarray) -> np.ndarray:
 
 
 class ParkingWorld(Dataset):
-    """Seeded synthetic parking world; ``domains`` holds the camera id of each sample."""
+    """Seeded synthetic parking world; ``domains`` holds the camera id of each sample.
+
+    ``difficulty`` scales noise levels and hard-case rates (0: clean, sensor
+    trivially separable; 1: tuned so tiny models reach roughly 80-90% per
+    modality). ``cameras`` holds each camera's fixed installation; cameras see
+    unequal shares of the samples.
+    """
 
     name = "parking"
     classes = ("free", "occupied")
@@ -95,13 +101,14 @@ class ParkingWorld(Dataset):
         # Fixed per-camera installation, one entry per camera (units: rad, patch half-widths).
         rng, k = rng_for(seed, "parking", "cameras"), num_cameras
         self.cameras: dict[str, np.ndarray] = {
-            "share": np.cumsum(rng.dirichlet(np.full(k, 4.0))),  # cameras see unequal traffic
+            "share": np.cumsum(rng.dirichlet(np.full(k, 4.0))),  # cumulative; cameras see unequal traffic
             "rot_rad": rng.uniform(-0.5, 0.5, k), "shear": rng.uniform(-0.4, 0.4, k),
             "zoom": rng.uniform(0.9, 1.4, k), "persp": rng.uniform(-0.4, 0.4, k),
             "crop_u": rng.uniform(-0.3, 0.3, k), "crop_v": rng.uniform(-0.3, 0.3, k),
             "gain": rng.uniform(0.7, 1.3, k), "black": rng.uniform(0.0, 0.12, k),
-            "noise": rng.uniform(0.015, 0.05, k), "lamp": rng.uniform(0.08, 0.4, k),
-            "occluder": (np.arange(k) + rng.integers(3)) % 3, "occ_x": rng.uniform(-0.7, 0.7, k),
+            "noise": rng.uniform(0.01, 0.04, k), "lamp": rng.uniform(0.08, 0.4, k),
+            "occluder": (np.arange(k) + rng.integers(3)) % 3,  # index into OCCLUDERS
+            "occ_x": rng.uniform(-0.7, 0.7, k),
             "occ_y": rng.choice([-0.8, 0.8], k),
         }
         px = (np.arange(patch_px) + 0.5) / patch_px * 2.0 - 1.0
@@ -201,20 +208,23 @@ class ParkingWorld(Dataset):
         lines = np.maximum(_box(u, v, -0.93, 0, 0.05, 1.3), _box(u, v, 0.93, 0, 0.05, 1.3))
         scene += lines * (uni(0.45, 0.9) - scene)
         side = rng.choice([-1.0, 1.0], (n, 1, 1))
-        scene += col(neighbour) * _box(u, v, 2.0 * side, uni(-0.2, 0.2), 0.75, 0.9) * (rng.beta(0.6, 0.6, (n, 1, 1)) - scene)
+        neighbour_car = col(neighbour) * _box(u, v, 2.0 * side, uni(-0.2, 0.2), 0.75, 0.9)
+        scene += neighbour_car * (rng.beta(0.6, 0.6, (n, 1, 1)) - scene)
         # Free-stall look-alikes (under a parked car they are hidden): stain, puddle, litter.
         scene -= flag(0.4) * uni(0.05, 0.2) * _blob(u, v, uni(-0.4, 0.4), uni(-0.5, 0.5), uni(0.15, 0.4))
-        puddle = flag(0.1 * d + 0.3 * d * (weather == 2)) * _box(u, v, uni(-0.3, 0.3), uni(-0.4, 0.4), uni(0.2, 0.5), uni(0.2, 0.6), 0.15)
+        puddle = flag(0.1 * d + 0.3 * d * (weather == 2)) * _box(
+            u, v, uni(-0.3, 0.3), uni(-0.4, 0.4), uni(0.2, 0.5), uni(0.2, 0.6), 0.15)
         scene += puddle * (uni(0.05, 0.2) + 0.5 * _blob(u, v, uni(-0.3, 0.3), uni(-0.3, 0.3), 0.12) - scene)
-        scene += flag(0.15 * d) * _box(u, v, uni(-0.4, 0.4), uni(-0.5, 0.5), uni(0.15, 0.45), uni(0.2, 0.6)) * (uni(0.0, 1.0) - scene)
+        litter = flag(0.08 * d) * _box(u, v, uni(-0.4, 0.4), uni(-0.5, 0.5), uni(0.15, 0.45), uni(0.2, 0.6))
+        scene += litter * (uni(0.0, 1.0) - scene)
         # The car: body of random colour (many near-black or white), dark glass front/rear.
         cu, cv, hu, hv = rng.normal(0, 0.12, (n, 1, 1)), rng.normal(0, 0.15, (n, 1, 1)), uni(0.5, 0.72), uni(0.65, 0.95)
         body = col(occupied) * _box(u, v, cu, cv, hu, hv)
         facing = rng.choice([-1.0, 1.0], (n, 1, 1))  # nose-in or reversed in
-        glass = body * np.maximum(_box(u, v, cu, cv - facing * 0.4 * hv, 0.85 * hu, 0.16 * hv, 0.04),
-                                  _box(u, v, cu, cv + facing * 0.55 * hv, 0.8 * hu, 0.1 * hv, 0.04))
+        glass = body * np.maximum(_box(u, v, cu, cv - facing * 0.3 * hv, 0.85 * hu, 0.25 * hv, 0.04),
+                                  _box(u, v, cu, cv + facing * 0.6 * hv, 0.8 * hu, 0.15 * hv, 0.04))
         # The dark gap under the car outlines it even when its paint matches the asphalt.
-        scene *= 1.0 - 0.6 * col(occupied) * _box(u, v, cu, cv, hu + 0.12, hv + 0.1, 0.08)
+        scene *= 1.0 - 0.6 * col(occupied) * _box(u, v, cu, cv, hu + 0.18, hv + 0.15, 0.06)
         scene += body * (rng.beta(0.6, 0.6, (n, 1, 1)) - scene) + glass * (uni(0.03, 0.2) - scene)
         # Light: daylight from the hour, else the camera's street lamp; weather dims it.
         day = np.clip(np.sin(np.pi * (hour - 6.0) / 12.0), 0.0, 1.0) ** 0.6
@@ -222,17 +232,18 @@ class ParkingWorld(Dataset):
         sunny_day = col((weather == 0) & (day > 0.3))
         # Hard shadow (car's own or a tree's / neighbour's) darkens part of the patch on sunny days.
         shadow = _box(u, v, cu + uni(-0.4, 0.4), cv + uni(-0.4, 0.4), hu * uni(0.8, 1.4), hv * uni(0.6, 1.2), 0.1)
-        scene *= 1.0 - shadow * sunny_day * uni(0.3, 0.6) * np.maximum(col(occupied), flag(0.3 * d))
-        contrast = 0.5 + 0.5 * light * np.array([1.0, 0.8, 0.7, 0.6])[weather].reshape(n, 1, 1)
-        img = col(c["black"][cam]) + col(c["gain"][cam]) * light * (0.4 + contrast * (scene - 0.4))
+        scene *= 1.0 - shadow * sunny_day * uni(0.3, 0.6) * np.maximum(col(occupied), flag(0.2 * d))
+        # Auto-exposure keeps mid-grey roughly in place but cannot restore contrast in dim light.
+        contrast = np.sqrt(light) * np.array([1.0, 0.8, 0.75, 1.0])[weather].reshape(n, 1, 1)
+        img = col(c["black"][cam]) + col(c["gain"][cam]) * ((0.25 + 0.15 * light) + contrast * (scene - 0.4))
         img += sunny_day * flag(0.3 * d) * uni(0.3, 0.7) * _blob(x, y, uni(-1, 1), uni(-1, 1), uni(0.3, 0.7))  # glare
         night = col(day < 0.2)
         for _ in range(2):  # headlights of passing cars at night
             img += night * flag(0.3 * d) * uni(0.5, 1.2) * _blob(x, y, uni(-1, 1), uni(-1, 1), uni(0.1, 0.3))
         slope, phase = uni(-0.4, 0.4), uni(0, 1)  # rain streaks: thin, slanted, broken
         streak = (np.cos(2 * np.pi * (3.0 * (x + slope * y) + phase)) > 0.8) * (rng.random((n, S, S)) < 0.6)
-        img += col(weather == 2) * 0.25 * d * streak
-        fog = col(weather == 3) * np.minimum(1.0, d) * uni(0.55, 0.85)
+        img += col(weather == 2) * 0.15 * d * streak
+        fog = col(weather == 3) * np.minimum(1.0, d) * uni(0.4, 0.75)
         img = img * (1.0 - fog) + fog * (0.3 + 0.4 * light)  # haze: contrast loss
         # Camera-fixed occluder in image coordinates: a pole or tree foliage.
         occ = c["occluder"][cam]
@@ -241,7 +252,7 @@ class ParkingWorld(Dataset):
         tree = tree * (rng.random((n, S, S)) < 0.85)  # leaves with holes
         occluder = np.maximum(pole, tree)
         img += occluder * (light * uni(0.1, 0.3) - img)
-        sigma = col(c["noise"][cam]) * d * (1.0 + 2.5 * (1.0 - light))  # night: high gain, high noise
+        sigma = col(c["noise"][cam]) * d * (1.0 + 2.0 * (1.0 - light))  # night: high gain, high noise
         img += sigma * rng.standard_normal((n, S, S))
         camera = np.clip(img, 0.0, 1.0).astype(np.float32)[:, None]
         return camera, {"night": night.reshape(n) > 0, "occluded_frac": occluder.mean(axis=(1, 2))}
@@ -251,28 +262,29 @@ class ParkingWorld(Dataset):
         t_step = np.arange(T)
         flag = lambda p: rng.random(n) < np.minimum(p, 1.0)  # noqa: E731
         # An arrival/departure inside the window; the label is the state at the end.
-        change, t_change = flag(0.25 * d), rng.integers(T // 2, T, n)
+        change, t_change = flag(0.3 * d), rng.integers(T // 2, T, n)
         state = np.where(change[:, None] & (t_step < t_change[:, None]), ~occupied[:, None], occupied[:, None])
         lagged = np.empty((n, T))  # both sensors settle over a few steps
         lagged[:, 0] = state[:, 0]
         for t in range(1, T):
             lagged[:, t] = 0.55 * lagged[:, t - 1] + 0.45 * state[:, t]
-        low_metal, high = flag(0.2 * d), flag(0.2 * d)
+        low_metal, high = flag(0.4 * d), flag(0.35 * d)
         metal = np.where(low_metal, rng.uniform(0.1, 0.4, n), rng.lognormal(0.0, 0.25, n))
         clearance_m = np.where(high, rng.uniform(0.5, 0.9, n), rng.uniform(0.12, 0.3, n))
         # Magnetometer: temperature offset + drift + own car + neighbour's car + passing cars + noise.
-        mag = rng.normal(0, 0.25 * d, (n, 1)) + rng.normal(0, 0.01 * d, (n, 1)) * (t_step - T)
-        mag += lagged * metal[:, None] + (neighbour * rng.uniform(0.2, 0.7, n))[:, None]
-        passing = flag(0.35 * d)
+        mag = rng.normal(0, 0.4 * d, (n, 1)) + rng.normal(0, 0.008 * d, (n, 1)) * (t_step + 1)
+        mag += lagged * metal[:, None] + (neighbour * rng.uniform(0.3, 0.9, n))[:, None]
+        passing = flag(0.4 * d)
         bump_t, bump_w = rng.uniform(0, T + 3, n), rng.uniform(1.0, 3.0, n)
-        mag += (passing * rng.uniform(0.4, 1.2, n))[:, None] * np.exp(-0.5 * ((t_step - bump_t[:, None]) / bump_w[:, None]) ** 2)
-        mag += 0.06 * d * rng.standard_normal((n, T))
+        bump = np.exp(-0.5 * ((t_step - bump_t[:, None]) / bump_w[:, None]) ** 2)
+        mag += (passing * rng.uniform(0.4, 1.2, n))[:, None] * bump
+        mag += 0.1 * d * rng.standard_normal((n, T))
         # Ultrasonic: echo from the underbody (high clearance often gives none), else max range.
-        p_drop = np.where(high, 0.75, 0.05)[:, None]
+        p_drop = np.where(high, 0.9, 0.05)[:, None]
         echo = (lagged > 0.5) & (rng.random((n, T)) > p_drop)
         dist = np.where(echo, clearance_m[:, None], MAX_RANGE_M) + 0.03 * d * rng.standard_normal((n, T))
         # Blocked transducer (leaf, snow, debris, a cart): short spurious echoes from some step on.
-        blocked, t_block = flag(0.15 * d), rng.integers(0, T - 2, n)
+        blocked, t_block = flag(0.3 * d), rng.integers(0, T - 2, n)
         dist = np.where(blocked[:, None] & (t_step >= t_block[:, None]),
                         rng.uniform(0.05, 0.5, (n, 1)) + 0.02 * rng.standard_normal((n, T)), dist)
         sensor = np.stack([mag, dist], axis=1).astype(np.float32)
