@@ -14,9 +14,9 @@ The folder is removed once the results are written.
 
 Safety: a checkpoint holds only tensors, numbers, strings and lists, tuples
 and dicts of them (numpy arrays, bytes and Flower's Array-, Config- and
-MetricRecords are turned into those and tagged), written with ``torch.save`` and read with
-``torch.load(..., weights_only=True)``, which refuses anything else: opening
-a checkpoint never runs code. Each file is written to a temporary name and
+MetricRecords are turned into those and tagged), written with ``torch.save``
+and read with ``torch.load(..., weights_only=True)``, which refuses anything
+else: opening a checkpoint never runs code. Each file is written to a temporary name and
 renamed into place (:func:`fedkd.report.atomic_write_bytes`), so a kill
 leaves the previous checkpoint whole.
 """
@@ -122,7 +122,9 @@ class CheckpointStore:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable fedkd checkpoint ({first_line}); "
                                   "run without --resume to start over") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        if (not isinstance(raw, dict) or raw.get("format") != FORMAT
+                or not {"label", "complete", "run", "state"} <= set(raw)
+                or not isinstance(raw["run"], dict) or "rounds" not in raw["run"]):
             raise CheckpointError(f"{path}: not a fedkd checkpoint of format {FORMAT}; "
                                   "run without --resume to start over")
         self._check_identity(path, raw.get("identity"))

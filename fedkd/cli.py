@@ -136,6 +136,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def error_line(exc: Exception) -> str:
+    """The error as one line, whatever it quotes (a YAML key may hold a line break)."""
+    return str(exc).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import flwr.supercore.logger  # noqa: F401 - Flower sets its logger's level on import; override it after
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedkdError as exc:
-        print(f"fedkd: error: {exc}", file=sys.stderr)
+        print(f"fedkd: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedkd: interrupted; results already written are intact", file=sys.stderr)

@@ -41,7 +41,7 @@ SHARES_WEIGHTS = False
 class RACMKD(LogitExchange):
     def __init__(self, allocator: str = "resource_aware", allocator_params: dict | None = None,
                  peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8",
-                 check_teachers: bool = True, **kwargs):
+                 check_teachers: bool = True, bank_samples: int = 256, **kwargs):
         super().__init__(**kwargs)
         self.check_teachers = check_teachers  # weigh each modality by its accuracy on public labels
         self._public_labels: np.ndarray | None = None
@@ -52,6 +52,14 @@ class RACMKD(LogitExchange):
         self.peer_weight, self.cloud_share, self.backhaul_codec = peer_weight, cloud_share, backhaul_codec
         self.fog_targets: dict[int, dict[str, np.ndarray]] = {}
         self.cloud_targets: dict[str, np.ndarray] = {}
+        # Each fog's (and the cloud's) knowledge bank: its latest targets for every public
+        # sample it has seen (NaN rows: not yet). A device digests up to bank_samples of them,
+        # not only the last round's, so knowledge gathered while it was away reaches it.
+        if bank_samples < 0:
+            raise ValueError(f"bank_samples must be >= 0, got {bank_samples}")
+        self.bank_samples = bank_samples
+        self.fog_bank: dict[int, dict[str, np.ndarray]] = {}
+        self.cloud_bank: dict[str, np.ndarray] = {}
         self._plans: dict[int, DevicePlan] = {}
         self._profiles: dict = {}
         self._grid: Grid | None = None
@@ -79,25 +87,27 @@ class RACMKD(LogitExchange):
 
         classes = ctx.dataset.num_classes
         batch = min(self.public_batch, len(ctx.dataset.split("public")))
+        digest = max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
         self.allocator.bind(hardware, flops, TaskShape(
-            public_batch=batch, distill_samples=batch * self.distill_epochs, num_classes=classes,
-            downlink_bytes=self._measure_downlink(batch, classes), reply_overhead_bytes=_reply_overhead()),
+            public_batch=batch, distill_samples=digest * self.distill_epochs, num_classes=classes,
+            downlink_bytes=self._measure_downlink(batch, digest, classes), reply_overhead_bytes=_reply_overhead()),
             deadline_s=ctx.scenario.world.round_deadline_s)
 
     def fedkd_state(self) -> dict:
         return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
-                "sat_out": self.sat_out}
+                "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out}
 
     def fedkd_restore(self, state: dict) -> None:
         super().fedkd_restore(state)
         self.fog_targets, self.cloud_targets = state["fog_targets"], state["cloud_targets"]
+        self.fog_bank, self.cloud_bank = state["fog_bank"], state["cloud_bank"]
         self.sat_out = state["sat_out"]
 
-    def _measure_downlink(self, batch: int, classes: int) -> int:
-        targets = np.full((batch, classes), 1.0 / classes, dtype=np.float32)
+    def _measure_downlink(self, batch: int, digest: int, classes: int) -> int:
+        targets = np.full((digest, classes), 1.0 / classes, dtype=np.float32)
         config = ConfigRecord({"server-round": 1, "public-indices": list(range(batch)), "codec": "int8",
                                "targets": get_codec(self.downlink_codec).encode(targets),
-                               "target-indices": list(range(batch)), "modality": "camera+sensor",
+                               "target-indices": list(range(digest)), "modality": "camera+sensor",
                                "model-tier": "small", "local-epochs": 1, "temperature": 1.0,
                                "distill-epochs": 1, "public-pretrain-epochs": 0})
         return payload_bytes(RecordDict({"config": config}))
@@ -133,10 +143,11 @@ class RACMKD(LogitExchange):
                 task["model-tier"] = plan.model_tier
             if plan.local_epochs is not None:
                 task["local-epochs"] = int(plan.local_epochs)
-            targets = self._targets_for(self._fog(device), plan.modality)
-            if targets is not None:
+            found = self._targets_for(self._fog(device), plan.modality, server_round)
+            if found is not None:
+                indices, targets = found
                 task["targets"] = get_codec(self.downlink_codec).encode(targets.astype(np.float32))
-                task["target-indices"] = self.target_indices.tolist()
+                task["target-indices"] = indices.tolist()
             messages.append(Message(RecordDict({"config": task}), device, MESSAGE_TYPE))
         return messages
 
@@ -144,13 +155,32 @@ class RACMKD(LogitExchange):
         profile = self._profiles.get(device)
         return 0 if profile is None or profile.fog is None else int(profile.fog)
 
-    def _targets_for(self, fog: int, modality: str | None) -> np.ndarray | None:
-        for source in (self.fog_targets.get(fog, {}), self.cloud_targets):
-            if modality in source:
-                return source[modality]
-        if self.cloud_targets:  # a sensor set no fog has seen yet: the cloud's mean view
-            return np.mean(list(self.cloud_targets.values()), axis=0)
-        return None
+    def _targets_for(self, fog: int, modality: str | None, server_round: int
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(public indices, targets) a device of ``modality`` in ``fog`` digests."""
+        if self.bank_samples == 0:  # only the last round's targets, as in FedMD
+            for source in (self.fog_targets.get(fog, {}), self.cloud_targets):
+                if modality in source:
+                    return self.target_indices, source[modality]
+            if self.cloud_targets:
+                return self.target_indices, np.mean(list(self.cloud_targets.values()), axis=0)
+            return None
+        bank = self.fog_bank.get(fog, {}).get(modality)
+        if bank is None:
+            bank = self.cloud_bank.get(modality)
+        if bank is None and self.cloud_bank:  # a sensor set no fog has seen yet: the cloud's mean view
+            banks = np.stack(list(self.cloud_bank.values()))
+            seen = (~np.isnan(banks)).sum(0)
+            bank = np.where(seen > 0, np.nansum(banks, axis=0) / np.maximum(seen, 1), np.nan)
+        if bank is None:
+            return None
+        filled = np.flatnonzero(~np.isnan(bank[:, 0]))
+        if len(filled) == 0:
+            return None
+        if len(filled) > self.bank_samples:
+            rng = rng_for(self.public.seed, "bank", server_round, fog, modality)
+            filled = np.sort(rng.choice(filled, self.bank_samples, replace=False))
+        return filled, bank[filled]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -176,11 +206,20 @@ class RACMKD(LogitExchange):
         for fog, view in fog_views.items():
             self.fog_targets[fog] = blend(view, self.cloud_targets, self.cloud_share)
         self.target_indices = self._asked_indices
+        self._file_in_banks()
         self._ship_over_backhaul(fog_views)
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
         losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
         return None, MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
                                    "num-examples": float(weights.sum()), "sat-out": float(self.sat_out)})
+
+    def _file_in_banks(self) -> None:
+        shape = (self.public.size, self.public.num_classes)
+        for fog, targets in self.fog_targets.items():
+            for modality, t in targets.items():
+                self.fog_bank.setdefault(fog, {}).setdefault(modality, np.full(shape, np.nan))[self._asked_indices] = t
+        for modality, t in self.cloud_targets.items():
+            self.cloud_bank.setdefault(modality, np.full(shape, np.nan))[self._asked_indices] = t
 
     def _ship_over_backhaul(self, fog_views: dict[int, dict[str, np.ndarray]]) -> None:
         """Each fog sends its targets up and gets the cloud's down, on its own link."""

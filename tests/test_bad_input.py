@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedkd.cli import error_line
+from fedkd.errors import ScenarioError
+from fedkd.scenario import load_scenario
 
 from .conftest import REPO, TINY
 
@@ -123,3 +129,42 @@ def test_bad_input_leaves_an_existing_results_folder_as_it_was(tmp_path):
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(
             [Path(".checkpoint"), Path(".checkpoint/0-fedavg.pt"), Path("rounds.csv")])
         assert all(file.read_bytes() == data for file, data in files.items())
+
+
+# -- any value anywhere: a clean ScenarioError or a valid scenario, never a crash -----------------
+
+def _leaf_paths(node, prefix=()) -> list[tuple]:
+    """Every key path of a scenario, down to its leaves (list items by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    paths = []
+    for key, child in items:
+        paths.append(prefix + (key,))
+        paths += _leaf_paths(child, prefix + (key,))
+    return paths
+
+
+LEAF_PATHS = _leaf_paths(TINY) + [("data", "options", "audio_frames"), ("data", "options", "test_fraction")]
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(LEAF_PATHS), value=ANY_VALUE)
+def test_the_validator_names_the_file_for_any_value_at_any_key(tmp_path_factory, path, value):
+    # Prepare: the tiny scenario with one key, at any depth, set to an arbitrary value.
+    scenario = copy.deepcopy(TINY)
+    node = scenario
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    file = tmp_path_factory.getbasetemp() / "any_value.yaml"
+    file.write_text(yaml.safe_dump(scenario))
+    # Execute / Assert: either it loads, or one line names the file (no other exception escapes).
+    try:
+        load_scenario(file)
+    except ScenarioError as exc:
+        assert str(exc).startswith(f"{file}: ") and "\n" not in error_line(exc)
