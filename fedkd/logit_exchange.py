@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from .codecs import decode_any, get_codec
 from .seeding import rng_for
+from .strategy_parts import NoClientEvaluation, weighted_reply_metrics
 
 MESSAGE_TYPE = "train.logits"
 
@@ -37,7 +38,7 @@ class PublicSet:
     seed: int
 
 
-class LogitExchange(Strategy):
+class LogitExchange(NoClientEvaluation, Strategy):
     """Exchange logits on public samples; subclasses choose how to combine them."""
 
     shares_weights = False
@@ -118,13 +119,4 @@ class LogitExchange(Strategy):
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
         self.targets = self.combine(logits, weights)
         self.target_indices = self._asked_indices
-        losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
-        return None, MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
-                                   "num-examples": float(weights.sum())})
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        return None, weighted_reply_metrics(valid, "train-loss")

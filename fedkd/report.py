@@ -135,7 +135,7 @@ def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str, references: fro
         return buf.read()
 
 
-FAILURE_REASONS = ("deadline", "offline", "battery", "error")  # stacking order of the dropout bars
+FAILURE_REASONS = ("deadline", "offline", "battery", "timeout", "invalid", "error")  # stacking order of the dropout bars
 
 
 def _png(fig) -> bytes:

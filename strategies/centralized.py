@@ -26,15 +26,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedkd.runtime.architectures import (new_model, population_architectures, score_architectures,
-                                         single_threaded)
+from fedkd.runtime.architectures import (ArchitectureModels, new_model, population_architectures, single_threaded)
 from fedkd.seeding import derive_seed
 from fedkd.training import train_local
 
 SHARES_WEIGHTS = False  # one model per architecture: any mix of tiers and sensors
 
 
-class Centralized(Strategy):
+class Centralized(ArchitectureModels, Strategy):
     def __init__(self, local_epochs: int | None = None, learning_rate: float | None = None):
         if local_epochs is not None and local_epochs < 1:
             raise ValueError(f"local_epochs must be positive, got {local_epochs}")
@@ -48,17 +47,6 @@ class Centralized(Strategy):
         self.ctx = ctx
         self.devices = population_architectures(ctx)
         self.models = {arch: new_model(ctx, arch) for arch in self.devices}
-
-    def fedkd_state(self) -> dict:
-        """The model of each architecture, for checkpoints."""
-        return {"models": {arch.key: model.state_dict() for arch, model in self.models.items()}}
-
-    def fedkd_restore(self, state: dict) -> None:
-        for arch, model in self.models.items():
-            model.load_state_dict(state["models"][arch.key])
-
-    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
-        return score_architectures(ctx, self.models, self.devices)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Centralized: %d architectures on the pooled train split", len(self.models))

@@ -44,15 +44,15 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, valid
 from flwr.supercore import log
 
 from fedkd.distill import distill_on, mean_logits, softmax
-from fedkd.runtime.architectures import (TRAIN_OWN_ARCHITECTURE, Architecture, new_model,
-                                         population_architectures, score_architectures, single_threaded)
+from fedkd.runtime.architectures import (ArchitectureModels, TRAIN_OWN_ARCHITECTURE, Architecture, new_model,
+                                         population_architectures, single_threaded)
 from fedkd.seeding import derive_seed, rng_for
 from fedkd.training import accuracy, predict_logits
 
 SHARES_WEIGHTS = False  # weights are averaged only within an architecture: any mix of tiers and sensors
 
 
-class FedDF(FedAvg):
+class FedDF(ArchitectureModels, FedAvg):
     def __init__(self, public_batch: int = 512, distill_epochs: int = 3, temperature: float = 1.0,
                  distill_learning_rate: float = 1e-3, validation_samples: int = 200, **kwargs):
         if public_batch < 1:
@@ -82,17 +82,6 @@ class FedDF(FedAvg):
         order = rng_for(ctx.scenario.seed, "feddf-validation").permutation(size)
         held = min(self.validation_samples, size - 1)
         self._validation, self._unlabeled = np.sort(order[:held]), np.sort(order[held:])
-
-    def fedkd_state(self) -> dict:
-        """The model of each architecture, for checkpoints."""
-        return {"models": {arch.key: model.state_dict() for arch, model in self.models.items()}}
-
-    def fedkd_restore(self, state: dict) -> None:
-        for arch, model in self.models.items():
-            model.load_state_dict(state["models"][arch.key])
-
-    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
-        return score_architectures(ctx, self.models, self.devices)
 
     def summary(self) -> None:
         super().summary()

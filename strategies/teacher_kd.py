@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -53,6 +52,7 @@ from fedkd.codecs import get_codec
 from fedkd.models import TIERS
 from fedkd.runtime.teacher_client import soft_labels
 from fedkd.seeding import derive_seed
+from fedkd.strategy_parts import NoClientEvaluation, weighted_reply_metrics
 from fedkd.training import accuracy, train_local
 
 SHARES_WEIGHTS = False
@@ -77,7 +77,7 @@ def pretrain_teacher(ctx, tier: str, modalities: tuple[str, ...], epochs: int):
     return teacher
 
 
-class TeacherKD(Strategy):
+class TeacherKD(NoClientEvaluation, Strategy):
     def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  teacher_at: str = "device", teacher_tier: str = "base",
                  teacher_modalities: list[str] | None = None, teacher_epochs: int = 3,
@@ -164,17 +164,7 @@ class TeacherKD(Strategy):
         valid = [r for r in replies if not r.has_error()]
         if not valid:
             return None, None
-        weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
-        losses = np.array([float(r.content["metrics"]["kd-loss"]) for r in valid])
-        return None, MetricRecord({"kd-loss": float(np.average(losses, weights=weights)),
-                                   "num-examples": float(weights.sum())})
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        return None, weighted_reply_metrics(valid, "kd-loss")
 
     # -- the teacher ------------------------------------------------------------
     def _teacher_reads(self, grid: Grid, node_ids: Iterable[int]) -> dict[int, tuple[str, ...]]:

@@ -109,6 +109,7 @@ def test_same_seed_same_data_other_seed_other_data(digits: AVDigits) -> None:
         for modality in ("audio", "image"):
             assert np.array_equal(a.inputs[modality], b.inputs[modality])
         assert np.array_equal(a.labels, b.labels)
+        assert not np.array_equal(a.inputs["image"], c.inputs["image"])
         assert not np.array_equal(digits.source_indices(which)["audio"], other.source_indices(which)["audio"])
         assert not np.array_equal(digits.source_indices(which)["image"], other.source_indices(which)["image"])
 

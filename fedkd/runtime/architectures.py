@@ -121,6 +121,26 @@ def score_architectures(ctx: SimulationContext, models: Mapping[Architecture, nn
     return mean(scores), metrics
 
 
+class ArchitectureModels:
+    """For strategies that keep one model per architecture on the server (FedDF, the
+    centralized reference): checkpoints and scoring of ``self.models``, built for
+    ``self.devices`` (Architecture -> devices of the population that run it)."""
+
+    models: dict[Architecture, nn.Module]
+    devices: dict[Architecture, int]
+
+    def fedkd_state(self) -> dict:
+        """The model of each architecture, for checkpoints."""
+        return {"models": {arch.key: model.state_dict() for arch, model in self.models.items()}}
+
+    def fedkd_restore(self, state: dict) -> None:
+        for arch, model in self.models.items():
+            model.load_state_dict(state["models"][arch.key])
+
+    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
+        return score_architectures(ctx, self.models, self.devices)
+
+
 def handle_train_own_architecture(scenario: Scenario, message: Message) -> Message:
     """Train the device's own architecture (its tier, its sensors) from the weights sent.
 

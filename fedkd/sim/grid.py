@@ -195,15 +195,21 @@ class SimulatedGrid(Grid):
                 sent[device] = message
         replies = self._execute(sent, server_round)
         costs, details = [], {}
+        # Strategies often send one content object to every device (FedAvg does): size it once.
+        sized: dict[int, tuple[int, list[int]]] = {}
         for device, message in sent.items():
             reply = replies.get(device)
             problem = None if reply is None or reply.has_error() else reply_problem(message, reply, self.num_classes)
             if reply is None or reply.has_error() or problem:
                 unreachable[device], details[device] = _failure(reply, problem, self.timeout_s)
             else:
-                d2d_in, d2d_out = _d2d_messages(message.content), _d2d_messages(reply.content)
+                key = id(message.content)
+                if key not in sized:
+                    sized[key] = (payload_bytes(message.content), _d2d_messages(message.content))
+                down_bytes, d2d_in = sized[key]
+                d2d_out = _d2d_messages(reply.content)
                 fanout = int(message.content[D2D_ROUTE]["fanout"]) if D2D_ROUTE in message.content else 1
-                costs.append(TaskCost(device, payload_bytes(message.content) - sum(d2d_in),
+                costs.append(TaskCost(device, down_bytes - sum(d2d_in),
                                       reported_flops(reply.content), payload_bytes(reply.content) - sum(d2d_out),
                                       sum(d2d_in), len(d2d_in), fanout * sum(d2d_out), fanout * len(d2d_out)))
         # An invalid reply arrives at once: the world times it as an error reply.
