@@ -127,12 +127,7 @@ def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str, references: fro
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with tempfile.SpooledTemporaryFile() as buf:
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        buf.seek(0)
-        return buf.read()
+    return _png(fig)
 
 
 FAILURE_REASONS = ("deadline", "offline", "battery", "timeout", "invalid", "error")  # stacking order of the dropout bars

@@ -7,8 +7,9 @@ never downloads, trains or uploads an encoder for a camera it does not have.
 Two devices share weights only when both tier and sensors match.
 
 Here: the architecture key, the census of the population by architecture,
-the scoring of per-architecture models on the test split, and the client
-handler that trains the device's own architecture from the weights it is sent.
+the scoring of per-architecture models on the test split, and what FedDF and
+the centralized reference share. Devices train a per-architecture model with
+the ordinary ``train`` handler, which builds the encoders it is sent.
 """
 from __future__ import annotations
 
@@ -18,15 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
-from ..scenario import Scenario
-from ..seeding import derive_seed
 from ..sim.grid import NodeProfile
-from ..training import accuracy, train_local
-from .context import SimulationContext, simulation_context
-from .records import COST, PREFIX, cost_record, task_of
+from ..training import accuracy
+from .context import SimulationContext
 
 # The message type of a task that trains the device's own architecture.
 TRAIN_OWN_ARCHITECTURE = "train.architecture"
@@ -139,37 +136,3 @@ class ArchitectureModels:
 
     def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
         return score_architectures(ctx, self.models, self.devices)
-
-
-def handle_train_own_architecture(scenario: Scenario, message: Message) -> Message:
-    """Train the device's own architecture (its tier, its sensors) from the weights sent.
-
-    As ``handle_train`` (FedAvg's task), but the model has encoders only for
-    the device's sensors: a server that sends another architecture's weights
-    fails loudly when they are loaded.
-    """
-    task = task_of(message)
-    device_id, server_round = int(task["device_id"]), int(task["round"])
-    ctx = simulation_context(scenario)
-    device = ctx.device(device_id)
-    arrays = [(k, v) for k, v in message.content.array_records.items() if not k.startswith(PREFIX)]
-    if len(arrays) != 1:
-        raise ValueError(f"expected one ArrayRecord from the strategy, got {[k for k, _ in arrays]}")
-    key, weights = arrays[0]
-    configs = [v for k, v in message.content.config_records.items() if not k.startswith(PREFIX)]
-    config = configs[0] if configs else ConfigRecord()
-    model = ctx.new_model(device.model_tier, modalities=device.modalities)
-    model.load_state_dict(weights.to_torch_state_dict())
-    training = scenario.training
-    epochs = int(config.get("local-epochs", training.local_epochs))
-    outcome = train_local(
-        model, device.data, device.modalities, epochs=epochs, batch_size=training.batch_size,
-        learning_rate=float(config.get("learning-rate", training.learning_rate)),
-        seed=derive_seed(scenario.seed, "train", server_round, device_id), optimizer=training.optimizer,
-    )
-    flops = ctx.train_flops_per_sample(device.model_tier, device.modalities) * outcome.num_examples * epochs
-    return Message(RecordDict({
-        key: ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss}),
-        COST: cost_record(flops),
-    }), reply_to=message)

@@ -21,7 +21,6 @@ from ..runtime.records import COST, PREFIX, STATE, cost_record, task_of
 from ..scenario import Scenario
 from ..seeding import derive_seed
 from ..training import accuracy, predict_logits, train_local
-from .architectures import handle_train_own_architecture
 from .context import simulation_context
 from .gossip_client import handle_gossip
 from .teacher_client import handle_teacher, handle_teacher_query
@@ -42,8 +41,13 @@ def handle_train(scenario: Scenario, message: Message) -> Message:
     ctx = simulation_context(scenario)
     device = ctx.device(device_id)
     key, arrays, config = _strategy_records(message)
-    model = ctx.new_model(device.model_tier)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    weights = arrays.to_torch_state_dict()
+    # The model has the encoders the server sent: all of them for FedAvg's shared
+    # model, only the device's own for a per-architecture model (FedDF). Weights of
+    # another architecture fail to load, loudly.
+    sent = tuple(m for m in ctx.dataset.modality_names if any(k.startswith(f"encoders.{m}.") for k in weights))
+    model = ctx.new_model(device.model_tier, modalities=sent)
+    model.load_state_dict(weights)
     training = scenario.training
     epochs = int(config.get("local-epochs", training.local_epochs))
     outcome = train_local(
@@ -157,7 +161,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[Scenario, Message], Message]] =
     ("train", None): handle_train,
     ("train", "logits"): handle_logits,
     ("train", "gossip"): handle_gossip,
-    ("train", "architecture"): handle_train_own_architecture,
+    ("train", "architecture"): handle_train,  # FedDF: the same task on the device's own architecture
     ("train", "teacher"): handle_teacher,
     ("query", "teacher"): handle_teacher_query,
     ("evaluate", None): handle_evaluate,
