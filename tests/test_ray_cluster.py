@@ -23,6 +23,10 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_cluster():
+    # `ray stop` ends every Ray runtime of this user on the machine, so do not run
+    # this test beside another Ray job. Stopping only our own head (killing the
+    # `ray start --block` process) left its address behind for later in-process
+    # runs, whose ray.init() then joined a dead cluster and waited forever.
     port = free_port()
     env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     subprocess.run([str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
