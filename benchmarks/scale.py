@@ -30,21 +30,10 @@ def main() -> None:
     parser.add_argument("--scenario", default=str(REPO / "scenarios" / "parking_cams.yaml"))
     args = parser.parse_args()
 
-    import logging
-
-    import flwr.supercore.logger  # noqa: F401 - Flower sets its log level on import
+    from fedavg_scenario import fedavg_scenario
     from fedkd.runner import run_scenario
-    from fedkd.scenario import load_scenario, parse_scenario
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    raw = load_scenario(args.scenario).model_dump(mode="json")
-    raw["population"]["devices"] = args.devices
-    raw["rounds"] = args.rounds
-    raw["strategy_defaults"] = {}
-    raw["strategies"] = [{"name": "fedavg", "params": {
-        "fraction_train": args.per_round / args.devices, "fraction_evaluate": 0.0,
-        "min_train_nodes": args.per_round, "min_available_nodes": args.per_round}}]
-    scenario = parse_scenario(raw, "benchmark")
+    scenario = fedavg_scenario(args.scenario, args.rounds, args.per_round, devices=args.devices)
 
     round_ends: list[float] = []
     started = time.perf_counter()

@@ -89,26 +89,43 @@ class LogitExchange(NoClientEvaluation, Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        node_ids = self._sample(grid)
+        self._ask_public_batch(server_round)
+        targets = None if self.targets is None else (self.target_indices, self.targets)
+        content = RecordDict({"config": self._task(server_round, self.codec, self.local_epochs, targets)})
+        return [Message(content, node, MESSAGE_TYPE) for node in node_ids]
+
+    # -- pieces subclasses that plan per device reuse ----------------------------
+    def _sample(self, grid: Grid) -> list[int]:
+        """This round's devices, as FedAvg samples them, in id order."""
         if self.public is None:
             raise RuntimeError(f"{type(self).__name__} needs fedkd_bind() with the public set before round 1")
         sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return sorted(node_ids)
+
+    def _ask_public_batch(self, server_round: int) -> None:
+        """Draw the round's public samples from (seed, round): the same in every process and on resume."""
         rng = rng_for(self.public.seed, "public-batch", server_round)
         self._asked_indices = np.sort(rng.choice(self.public.size, min(self.public_batch, self.public.size),
                                                  replace=False))
+
+    def _task(self, server_round: int, codec: str, local_epochs: int | None,
+              targets: tuple[np.ndarray, np.ndarray] | None) -> ConfigRecord:
+        """The config a device's ``train.logits`` task reads (see fedkd.runtime.client.handle_logits)."""
         task = ConfigRecord({"server-round": server_round, "public-indices": self._asked_indices.tolist(),
-                             "codec": self.codec, "temperature": float(self.temperature),
+                             "codec": codec, "temperature": float(self.temperature),
                              "distill-epochs": int(self.distill_epochs),
                              "public-pretrain-epochs": int(self.public_pretrain_epochs)})
         if self.public_pretrain_samples is not None:
             task["public-pretrain-samples"] = int(self.public_pretrain_samples)
-        if self.local_epochs is not None:
-            task["local-epochs"] = int(self.local_epochs)
-        if self.targets is not None:
-            task["targets"] = get_codec(self.downlink_codec).encode(self.targets.astype(np.float32))
-            task["target-indices"] = self.target_indices.tolist()
-        content = RecordDict({"config": task})
-        return [Message(content, node, MESSAGE_TYPE) for node in sorted(node_ids)]
+        if local_epochs is not None:
+            task["local-epochs"] = int(local_epochs)
+        if targets is not None:
+            indices, probs = targets
+            task["targets"] = get_codec(self.downlink_codec).encode(probs.astype(np.float32))
+            task["target-indices"] = indices.tolist()
+        return task
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedkd.allocator import AllIn, DevicePlan, plans_for
 from fedkd.codecs import decode_any, get_codec
@@ -116,38 +115,22 @@ class RACMKD(LogitExchange):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        candidates, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-        candidates = sorted(candidates)
+        candidates = self._sample(grid)
         telemetry = grid.telemetry() if hasattr(grid, "telemetry") else None
         allocator = self.allocator if telemetry is not None else AllIn()
         plans = plans_for(allocator, server_round, candidates, telemetry)
         self._plans = {d: p for d, p in plans.items() if p.take_part}
         self.sat_out = len(plans) - len(self._plans)
         self._profiles = grid.node_profiles(self._plans) if hasattr(grid, "node_profiles") else {}
-        rng = rng_for(self.public.seed, "public-batch", server_round)
-        self._asked_indices = np.sort(rng.choice(self.public.size, min(self.public_batch, self.public.size),
-                                                 replace=False))
+        self._ask_public_batch(server_round)
         messages = []
         for device, plan in sorted(self._plans.items()):
-            task = ConfigRecord({
-                "server-round": server_round, "public-indices": self._asked_indices.tolist(),
-                "codec": plan.codec, "temperature": float(self.temperature),
-                "distill-epochs": int(self.distill_epochs),
-                "public-pretrain-epochs": int(self.public_pretrain_epochs)})
-            if self.public_pretrain_samples is not None:
-                task["public-pretrain-samples"] = int(self.public_pretrain_samples)
+            targets = self._targets_for(self._fog(device), plan.modality, server_round)
+            task = self._task(server_round, plan.codec, plan.local_epochs, targets)
             if plan.modality is not None:
                 task["modality"] = plan.modality
             if plan.model_tier is not None:
                 task["model-tier"] = plan.model_tier
-            if plan.local_epochs is not None:
-                task["local-epochs"] = int(plan.local_epochs)
-            found = self._targets_for(self._fog(device), plan.modality, server_round)
-            if found is not None:
-                indices, targets = found
-                task["targets"] = get_codec(self.downlink_codec).encode(targets.astype(np.float32))
-                task["target-indices"] = indices.tolist()
             messages.append(Message(RecordDict({"config": task}), device, MESSAGE_TYPE))
         return messages
 
