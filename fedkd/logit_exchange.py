@@ -62,6 +62,8 @@ class LogitExchange(NoClientEvaluation, Strategy):
         self.targets: np.ndarray | None = None  # probabilities, (public_batch, classes)
         self.target_indices: np.ndarray | None = None
         self._asked_indices: np.ndarray | None = None
+        # The public samples devices may be asked about (None: all); a subclass may hold some out.
+        self.public_pool: np.ndarray | None = None
 
     def fedkd_bind(self, public: PublicSet) -> None:
         """Called by fedkd before the first round: the public set this run shares."""
@@ -107,8 +109,9 @@ class LogitExchange(NoClientEvaluation, Strategy):
     def _ask_public_batch(self, server_round: int) -> None:
         """Draw the round's public samples from (seed, round): the same in every process and on resume."""
         rng = rng_for(self.public.seed, "public-batch", server_round)
-        self._asked_indices = np.sort(rng.choice(self.public.size, min(self.public_batch, self.public.size),
-                                                 replace=False))
+        pool = self.public.size if self.public_pool is None else self.public_pool
+        available = self.public.size if self.public_pool is None else len(self.public_pool)
+        self._asked_indices = np.sort(rng.choice(pool, min(self.public_batch, available), replace=False))
 
     def _task(self, server_round: int, codec: str, local_epochs: int | None,
               targets: tuple[np.ndarray, np.ndarray] | None) -> ConfigRecord:

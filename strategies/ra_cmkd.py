@@ -10,28 +10,39 @@ arXiv:1905.06641), and a per-device resource-aware plan (who takes part,
 with which sensor, model size, local epochs and codec) from telemetry.
 
 Each round: the allocator plans the sampled devices from their last reports;
-each device digests its fog's targets for its modality, trains on its shard,
-and sends its logits on the round's public samples through its planned
-codec; each fog checks each modality's teachers on the public labels it
-holds (a modality no better than chance teaches nothing), builds cross-modal
-targets from its devices; the cloud merges the fogs and sends its view back
-down, which each fog blends with its own.
+each device downloads its fog's model of its planned architecture (tier and
+sensors; ``model_downlink`` precision), trains it on its shard, and sends its
+logits on the round's public samples through its planned codec; each fog
+checks each modality's teachers on the public labels it holds (a modality no
+better than chance teaches nothing), builds cross-modal targets from its
+devices; the cloud merges the fogs and sends its view back down, which each
+fog blends with its own; each fog then distills its knowledge bank into its
+models while aligning their encoders across modalities on the public pairs
+(fedkd.fog_models, fedkd.alignment). A device serves its fog's model, so
+those models are what is scored.
+
+With ``fog_models: false`` the fogs keep targets only and each device keeps
+its own model and digests its fog's targets (FedMD's loop); its own model is
+then what is scored.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedkd.allocator import AllIn, DevicePlan, plans_for
 from fedkd.codecs import decode_any, get_codec
 from fedkd.fog import blend, cross_modal_targets, merge_fog_targets, reliability
+from fedkd.fog_models import FogModels
 from fedkd.logit_exchange import MESSAGE_TYPE, LogitExchange
 from fedkd.registry import resolve_allocator
 from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
-from fedkd.runtime.records import payload_bytes
+from fedkd.runtime.architectures import Architecture, population_architectures
+from fedkd.runtime.records import FOG_MODEL, payload_bytes
 from fedkd.seeding import rng_for
 
 SHARES_WEIGHTS = False
@@ -40,8 +51,27 @@ SHARES_WEIGHTS = False
 class RACMKD(LogitExchange):
     def __init__(self, allocator: str = "resource_aware", allocator_params: dict | None = None,
                  peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8",
-                 check_teachers: bool = True, bank_samples: int = 256, **kwargs):
+                 check_teachers: bool = True, bank_samples: int = 256, fog_models: bool = True,
+                 fog_distill_epochs: int = 2, fog_learning_rate: float = 1e-3, fog_batch_size: int = 64,
+                 align_weight: float = 0.1, align_dim: int = 16, cloud_model_share: float = 0.0,
+                 validation_samples: int = 200, model_downlink: str = "fp16", **kwargs):
         super().__init__(**kwargs)
+        if model_downlink not in MODEL_DTYPES:
+            raise ValueError(f"model_downlink must be one of {sorted(MODEL_DTYPES)}, got {model_downlink!r}")
+        self.use_fog_models, self.model_downlink = fog_models, model_downlink
+        self.fog_settings = {"epochs": fog_distill_epochs, "learning_rate": fog_learning_rate,
+                             "batch_size": fog_batch_size, "temperature": self.temperature,
+                             "align_weight": align_weight, "align_dim": align_dim}
+        FogModels.check_settings(**self.fog_settings)
+        if not 0 <= cloud_model_share <= 1:
+            raise ValueError(f"cloud_model_share must be in [0, 1], got {cloud_model_share}")
+        self.cloud_model_share = cloud_model_share
+        if validation_samples < 0:
+            raise ValueError(f"validation_samples must be 0 or more, got {validation_samples}")
+        self.validation_samples = validation_samples
+        self.fog_models: FogModels | None = None
+        self.devices: dict[Architecture, int] = {}  # the population's census, for scoring
+        self._archs: dict[int, Architecture] = {}  # this round's devices' planned architectures
         self.check_teachers = check_teachers  # weigh each modality by its accuracy on public labels
         self._public_labels: np.ndarray | None = None
         if not 0 <= cloud_share <= 1:
@@ -68,6 +98,17 @@ class RACMKD(LogitExchange):
         """The public labels (fogs check their teachers on them); registrations and
         model costs, for the allocator."""
         self._public_labels = ctx.dataset.split("public").labels
+        self._ctx = ctx
+        if self.use_fog_models:
+            # A labelled validation set held out of what devices are asked about (as FedDF's).
+            size = len(ctx.dataset.split("public"))
+            order = rng_for(ctx.scenario.seed, "ra_cmkd-validation").permutation(size)
+            held = min(self.validation_samples, size - 1)
+            validation, self.public_pool = np.sort(order[:held]), np.sort(order[held:])
+            # Labelled pretraining, when asked, happens once per fog model instead of on every device.
+            self.fog_models = FogModels(ctx, validation=validation, pretrain_epochs=self.public_pretrain_epochs,
+                                        pretrain_samples=self.public_pretrain_samples, **self.fog_settings)
+            self.devices = population_architectures(ctx)
         if not isinstance(self.allocator, ResourceAware):
             return
         population, training = ctx.population, ctx.scenario.training
@@ -86,29 +127,46 @@ class RACMKD(LogitExchange):
 
         classes = ctx.dataset.num_classes
         batch = min(self.public_batch, len(ctx.dataset.split("public")))
-        digest = max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
+        # With fog models a device digests nothing: it downloads the model its fog distilled.
+        digest = 0 if self.use_fog_models else max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
+
+        def model_bytes(tier: str, modalities: tuple[str, ...]) -> int:
+            if not self.use_fog_models:
+                return 0
+            model = ctx.new_model(tier, modalities=modalities)
+            return payload_bytes(RecordDict({FOG_MODEL: _model_record(model, self.model_downlink)}))
+
         self.allocator.bind(hardware, flops, TaskShape(
             public_batch=batch, distill_samples=digest * self.distill_epochs, num_classes=classes,
-            downlink_bytes=self._measure_downlink(batch, digest, classes), reply_overhead_bytes=_reply_overhead()),
-            deadline_s=ctx.scenario.world.round_deadline_s)
+            downlink_bytes=self._measure_downlink(batch, digest, classes), reply_overhead_bytes=_reply_overhead(),
+            model_bytes=model_bytes), deadline_s=ctx.scenario.world.round_deadline_s)
 
     def fedkd_state(self) -> dict:
         return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
-                "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out}
+                "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out,
+                "fog_models": self.fog_models.state() if self.fog_models is not None else {}}
 
     def fedkd_restore(self, state: dict) -> None:
         super().fedkd_restore(state)
         self.fog_targets, self.cloud_targets = state["fog_targets"], state["cloud_targets"]
         self.fog_bank, self.cloud_bank = state["fog_bank"], state["cloud_bank"]
         self.sat_out = state["sat_out"]
+        if self.fog_models is not None:
+            self.fog_models.restore(state["fog_models"])
+
+    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]] | None:
+        """With fog models: what devices serve, their fogs' models. Without: None (fedkd
+        then scores the devices' own models)."""
+        return None if self.fog_models is None else self.fog_models.score(self.devices)
 
     def _measure_downlink(self, batch: int, digest: int, classes: int) -> int:
-        targets = np.full((digest, classes), 1.0 / classes, dtype=np.float32)
         config = ConfigRecord({"server-round": 1, "public-indices": list(range(batch)), "codec": "int8",
-                               "targets": get_codec(self.downlink_codec).encode(targets),
-                               "target-indices": list(range(digest)), "modality": "camera+sensor",
-                               "model-tier": "small", "local-epochs": 1, "temperature": 1.0,
-                               "distill-epochs": 1, "public-pretrain-epochs": 0})
+                               "modality": "camera+sensor", "model-tier": "small", "local-epochs": 1,
+                               "temperature": 1.0, "distill-epochs": 1, "public-pretrain-epochs": 0})
+        if digest:
+            targets = np.full((digest, classes), 1.0 / classes, dtype=np.float32)
+            config["targets"] = get_codec(self.downlink_codec).encode(targets)
+            config["target-indices"] = list(range(digest))
         return payload_bytes(RecordDict({"config": config}))
 
     # -- Flower's Strategy API ----------------------------------------------------
@@ -124,15 +182,32 @@ class RACMKD(LogitExchange):
         self._profiles = grid.node_profiles(self._plans) if hasattr(grid, "node_profiles") else {}
         self._ask_public_batch(server_round)
         messages = []
+        self._archs = {device: self._architecture(device, plan) for device, plan in self._plans.items()}
         for device, plan in sorted(self._plans.items()):
-            targets = self._targets_for(self._fog(device), plan.modality, server_round)
+            fog, arch = self._fog(device), self._archs[device]
+            targets = None if self.fog_models else self._targets_for(fog, "+".join(arch.modalities), server_round)
             task = self._task(server_round, plan.codec, plan.local_epochs, targets)
-            if plan.modality is not None:
-                task["modality"] = plan.modality
-            if plan.model_tier is not None:
-                task["model-tier"] = plan.model_tier
-            messages.append(Message(RecordDict({"config": task}), device, MESSAGE_TYPE))
+            task["modality"], task["model-tier"] = "+".join(arch.modalities), arch.tier
+            content = RecordDict({"config": task})
+            if self.fog_models is not None:
+                content[FOG_MODEL] = _model_record(self.fog_models.model(fog, arch), self.model_downlink)
+            messages.append(Message(content, device, MESSAGE_TYPE))
         return messages
+
+    def _architecture(self, device: int, plan: DevicePlan) -> Architecture:
+        """The model a device runs this round: its registered one, or the smaller tier or
+        single sensor its plan asks for (sensors kept in the dataset's order)."""
+        profile = self._profiles.get(device)
+        if profile is not None:
+            tier, modalities = profile.model_tier, tuple(profile.modalities)
+        else:
+            ctx = self._ctx
+            tier = ctx.population.class_of(device).model_tier or ctx.scenario.training.model_tier
+            modalities = ctx.modalities_of(device)
+        if plan.modality is not None:
+            wanted = set(plan.modality.split("+"))
+            modalities = tuple(m for m in modalities if m in wanted)
+        return Architecture(plan.model_tier or tier, modalities)
 
     def _fog(self, device: int) -> int:
         profile = self._profiles.get(device)
@@ -175,7 +250,7 @@ class RACMKD(LogitExchange):
             device = reply.metadata.src_node_id
             logits = decode_any(bytes(reply.content["logits"]["payload"]))
             weight = float(reply.content["metrics"]["num-examples"])
-            modality = self._plans[device].modality or "all"
+            modality = "+".join(self._archs[device].modalities)
             by_fog.setdefault(self._fog(device), []).append((logits, modality, weight))
         fog_views, fog_weights = {}, {}
         labels = None if self._public_labels is None else self._public_labels[self._asked_indices]
@@ -190,11 +265,22 @@ class RACMKD(LogitExchange):
             self.fog_targets[fog] = blend(view, self.cloud_targets, self.cloud_share)
         self.target_indices = self._asked_indices
         self._file_in_banks()
-        self._ship_over_backhaul(fog_views)
+        fog_flops, distill_losses = {}, []
+        if self.fog_models is not None:
+            for fog in sorted(fog_views):
+                targets = {arch: found for arch in self.fog_models.architectures(fog)
+                           if (found := self._targets_for(fog, "+".join(arch.modalities), server_round)) is not None}
+                loss, fog_flops[fog] = self.fog_models.distill(fog, targets, server_round)
+                distill_losses.append(loss)
+            model_bytes = self.fog_models.share_through_cloud(sorted(fog_views), self.cloud_model_share)
+        self._ship_over_backhaul(fog_views, fog_flops, model_bytes if self.fog_models is not None else {})
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
         losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
-        return None, MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
-                                   "num-examples": float(weights.sum()), "sat-out": float(self.sat_out)})
+        metrics = MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
+                                "num-examples": float(weights.sum()), "sat-out": float(self.sat_out)})
+        if distill_losses:
+            metrics["fog-distill-loss"] = float(np.mean(distill_losses))
+        return None, metrics
 
     def _file_in_banks(self) -> None:
         shape = (self.public.size, self.public.num_classes)
@@ -204,8 +290,11 @@ class RACMKD(LogitExchange):
         for modality, t in self.cloud_targets.items():
             self.cloud_bank.setdefault(modality, np.full(shape, np.nan))[self._asked_indices] = t
 
-    def _ship_over_backhaul(self, fog_views: dict[int, dict[str, np.ndarray]]) -> None:
-        """Each fog sends its targets up and gets the cloud's down, on its own link."""
+    def _ship_over_backhaul(self, fog_views: dict[int, dict[str, np.ndarray]],
+                            fog_flops: dict[int, float], model_bytes: dict[int, int]) -> None:
+        """Each fog sends its targets up and gets the cloud's down, on its own link; it
+        computes its ensemble and, with fog models, distills them (``fog_flops``) and
+        swaps them with the cloud (``model_bytes`` each way)."""
         if self._grid is None or getattr(self._grid, "topology", None) is None:
             return
         rows, cols = len(self._asked_indices), self.public.num_classes
@@ -214,9 +303,19 @@ class RACMKD(LogitExchange):
         for fog, view in fog_views.items():
             devices = sum(1 for d in self._plans if self._fog(d) == fog)
             # Ensembling costs about one multiply-add per teacher, sample, class and student group.
-            flops = 4.0 * devices * rows * cols * len(view)
-            transfers[fog] = (one * len(view), one * len(self.cloud_targets), flops)
+            flops = 4.0 * devices * rows * cols * len(view) + fog_flops.get(fog, 0.0)
+            moved = model_bytes.get(fog, 0)
+            transfers[fog] = (one * len(view) + moved, one * len(self.cloud_targets) + moved, flops)
         self._grid.backhaul(transfers)
+
+
+# What a fog model's weights travel as on the downlink; the device computes in float32.
+MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _model_record(model: torch.nn.Module, precision: str) -> ArrayRecord:
+    dtype = MODEL_DTYPES[precision]
+    return ArrayRecord({name: t.detach().to(dtype) for name, t in model.state_dict().items()})
 
 
 def _reply_overhead() -> int:

@@ -73,6 +73,23 @@ def test_multi_sensor_device_may_drop_to_one_sensor():
     assert plans[0] == DevicePlan(True, "sensor", "tiny", 2, "fp16")
 
 
+def test_a_slow_downlink_gets_a_smaller_model_to_download():
+    # With fog models a device downloads the model of its plan: 100 kB for small, 20 kB for tiny.
+    sizes = {"small": 100_000, "tiny": 20_000}
+    a = allocator()
+    a.bind(lambda d: HW, lambda tier, mods: FLOPS[tier],
+           TaskShape(public_batch=10, distill_samples=0, num_classes=10, downlink_bytes=0,
+                     reply_overhead_bytes=0, model_bytes=lambda tier, mods: sizes[tier]), deadline_s=100.0)
+    slow = SimpleNamespace(battery_j=np.array([100.0, 100.0]), uplink_bps=np.array([1e6, 1e6]),
+                           downlink_bps=np.array([1e9, 8_000.0]), compute_flops=np.array([1e9, 1e9]))
+    plans = a.allocate(1, [0, 1], slow)
+    # A fast link takes the small model (0.8 ms to download).
+    assert plans[0] == DevicePlan(True, "camera", "small", 2, "fp16")
+    # At 8 kbit/s the small model alone takes 800 kbit / 8 kbit/s = 100 s, the whole
+    # deadline; tiny takes 20 s plus 0.04 s of compute: it fits.
+    assert plans[1] == DevicePlan(True, "camera", "tiny", 2, "fp16")
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="safety"):
         ResourceAware(safety=0)

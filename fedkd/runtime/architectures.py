@@ -99,6 +99,13 @@ def score_architectures(ctx: SimulationContext, models: Mapping[Architecture, nn
     test = ctx.test_split
     with single_threaded():
         scores = {arch: accuracy(model, test, arch.modalities) for arch, model in sorted(models.items())}
+    return architecture_metrics(scores, devices)
+
+
+def architecture_metrics(scores: Mapping[Architecture, float], devices: Mapping[Architecture, int]
+                         ) -> tuple[float, dict[str, float]]:
+    """The headline and the per-tier, per-sensor-set and per-architecture columns of
+    :func:`score_architectures`, from a test accuracy per architecture."""
     weights = {arch: float(devices.get(arch, 0)) for arch in scores}
     if sum(weights.values()) == 0:  # no census (a hand-built strategy): every architecture counts once
         weights = dict.fromkeys(scores, 1.0)

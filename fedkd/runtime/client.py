@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from ..codecs import decode_any, get_codec
 from ..device_models import model_key, pack, unpack
 from ..distill import distill_on
-from ..runtime.records import COST, PREFIX, STATE, cost_record, task_of
+from ..runtime.records import COST, FOG_MODEL, PREFIX, STATE, cost_record, task_of
 from ..scenario import Scenario
 from ..seeding import derive_seed
 from ..training import accuracy, predict_logits, train_local
@@ -110,7 +110,10 @@ def handle_logits(scenario: Scenario, message: Message) -> Message:
     per_sample = ctx.train_flops_per_sample(tier, modalities)
     flops, distill_loss = 0.0, 0.0
     state = message.content.get(STATE)
-    weights = unpack(state, key)
+    fog_model = message.content.get(FOG_MODEL)
+    # A device that starts from its fog's model need not keep its own between rounds.
+    weights = ({name: t.float() for name, t in fog_model.to_torch_state_dict().items()}
+               if fog_model is not None else unpack(state, key))
     if weights is not None:
         model.load_state_dict(weights)
     elif int(config.get("public-pretrain-epochs", 0)) > 0:
@@ -142,13 +145,15 @@ def handle_logits(scenario: Scenario, message: Message) -> Message:
     logits = predict_logits(model, public.subset(public_idx), modalities).numpy()
     flops += ctx.forward_flops_per_sample(tier, modalities) * len(public_idx)
     payload = get_codec(str(config.get("codec", "fp32"))).encode(logits)
-    return Message(RecordDict({
+    reply = RecordDict({
         "logits": ConfigRecord({"payload": payload}),
         "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
                                  "distill-loss": distill_loss}),
-        STATE: pack(state, key, model.state_dict()),
         COST: cost_record(flops),
-    }), reply_to=message)
+    })
+    if fog_model is None:
+        reply[STATE] = pack(state, key, model.state_dict())
+    return Message(reply, reply_to=message)
 
 
 def _strategy_records_config(message: Message) -> ConfigRecord:

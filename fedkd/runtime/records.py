@@ -14,6 +14,8 @@ PREFIX = "fedkd."
 TASK = "fedkd.task"  # ConfigRecord: device_id, round, seed
 STATE = "fedkd.state"  # ArrayRecord: per-device state that travels with the task
 COST = "fedkd.cost"  # MetricRecord: flops spent by the client
+# ArrayRecord: the fog's model a logit task starts from. Real traffic, so no prefix.
+FOG_MODEL = "fog-model"
 
 
 def payload_bytes(content: RecordDict) -> int:
