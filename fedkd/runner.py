@@ -32,7 +32,11 @@ def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, ro
         data["backend"]["kind"] = backend
     if strategies:
         # A strategy the scenario names keeps its params there; others get their defaults.
-        named = {s["name"]: s for s in data["strategies"]} | {s["label"]: s for s in data["strategies"] if s["label"]}
+        # Results labels are unique: a label picks its entry; a bare name the entry it labels,
+        # else the first entry of that name.
+        named = {s["label"] or s["name"]: s for s in data["strategies"]}
+        for s in data["strategies"]:
+            named.setdefault(s["name"], s)
         # A strategy given as module:Class or file.py:Class is labelled by its class name.
         data["strategies"] = [named.get(n, {"name": n, "label": n.rpartition(":")[2] if ":" in n else None})
                               for n in strategies]

@@ -88,3 +88,17 @@ def test_ray_backend_gives_the_inprocess_accuracy_curve(write_scenario, tiny_sce
     ray = run_tiny(path, tmp_path / "ray", "--strategy", "fedavg", "--backend", "ray")
     assert ray["accuracy"].tolist() == pytest.approx(local["accuracy"].tolist(), abs=1e-6)
     assert ray["sim_time_s"].tolist() == pytest.approx(local["sim_time_s"].tolist(), rel=1e-9)
+
+
+def test_strategy_override_picks_entries_by_label_then_name(write_scenario, tiny_scenario):
+    from fedkd.runner import with_overrides
+    from fedkd.scenario import Scenario
+
+    tiny_scenario["strategies"] = [{"name": "fedprox", "params": {"proximal_mu": 0.1}},
+                                   {"name": "fedprox", "label": "strong", "params": {"proximal_mu": 1.0}}]
+    scenario, path = Scenario.model_validate(tiny_scenario), str(write_scenario(tiny_scenario))
+    # The bare name is the entry it labels (the unlabelled one), not the first of that name.
+    [plain] = with_overrides(scenario, path, strategies=["fedprox"]).strategies
+    assert plain.params == {"proximal_mu": 0.1}
+    both = with_overrides(scenario, path, strategies=["strong", "fedprox"]).strategies
+    assert [(s.run_label, s.params["proximal_mu"]) for s in both] == [("strong", 1.0), ("fedprox", 0.1)]
