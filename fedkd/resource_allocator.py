@@ -58,15 +58,23 @@ class ResourceAware(Allocator):
     """Richest plan that meets the deadline with a margin and keeps a battery reserve."""
 
     def __init__(self, safety: float = 0.7, battery_reserve: float = 0.2, max_local_epochs: int = 2,
-                 codecs: Sequence[str] = ("fp16", "int8", "topk:1")):
+                 codecs: Sequence[str] = ("fp16", "int8", "topk:1"),
+                 modality_codecs: Mapping[str, Sequence[str]] | None = None):
         if not 0 < safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {safety}")
         if not 0 <= battery_reserve < 1:
             raise ValueError(f"battery_reserve must be in [0, 1), got {battery_reserve}")
-        for codec in codecs:
+        for codec in [*codecs, *(c for cs in (modality_codecs or {}).values() for c in cs)]:
             get_codec(codec)
         self.safety, self.battery_reserve = safety, battery_reserve
         self.max_local_epochs, self.codecs = max_local_epochs, tuple(codecs)
+        # Codecs to try, richest first, for logits computed from one sensor set ("camera",
+        # "sensor", "camera+sensor"): a sensor whose logits are nearly one-hot loses nothing
+        # to top-1, a camera's uncertain ones do. Sets not listed use ``codecs``.
+        self.modality_codecs = {m: tuple(cs) for m, cs in (modality_codecs or {}).items()}
+        for m, cs in self.modality_codecs.items():
+            if not cs:
+                raise ValueError(f"modality_codecs[{m!r}] lists no codec")
         self.hardware: Callable[[int], DeviceHardware] | None = None
         self.flops: FlopsFn | None = None
         self.shape: TaskShape | None = None
@@ -81,7 +89,8 @@ class ResourceAware(Allocator):
         tiers = TIER_ORDER[TIER_ORDER.index(hw.model_tier):]
         sensor_sets = [hw.modalities] + ([(m,) for m in hw.modalities] if len(hw.modalities) > 1 else [])
         epochs = range(self.max_local_epochs, 0, -1)
-        return list(itertools.product(tiers, sensor_sets, epochs, self.codecs))
+        return [(tier, sensors, n, codec) for tier, sensors, n in itertools.product(tiers, sensor_sets, epochs)
+                for codec in self.modality_codecs.get("+".join(sensors), self.codecs)]
 
     def predict(self, hw: DeviceHardware, plan: tuple[str, tuple[str, ...], int, str], uplink_bps: float,
                 downlink_bps: float, compute_flops: float) -> tuple[float, float]:

@@ -95,3 +95,21 @@ def test_bad_settings_are_refused():
         ResourceAware(safety=0)
     with pytest.raises(ValueError, match="codec"):
         ResourceAware(codecs=("zip",))
+
+
+def test_codecs_can_differ_by_modality():
+    hw = DeviceHardware(**{**HW.__dict__, "modalities": ("camera", "sensor"), "capacity_j": float("inf")})
+    a = ResourceAware(safety=1.0, codecs=("fp16",), modality_codecs={"sensor": ["topk:1"]})
+    a.bind(lambda d: hw, lambda tier, mods: FLOPS[tier], allocator().shape, 100.0)
+    # Both sensors, and the camera alone, use the general list; the sensor alone its own.
+    plans = a.plans_by_richness(hw)
+    assert {codec for _, sensors, _, codec in plans if sensors == ("sensor",)} == {"topk:1"}
+    assert {codec for _, sensors, _, codec in plans if sensors != ("sensor",)} == {"fp16"}
+    # 15 bit/s: fp16 logits (1760 bits) miss the 100 s deadline with either sensor set;
+    # top-1 for 10 rows x 10 classes is a 20 B header + 10 x (2 B index + 2 B value) + 10 x 4 B
+    # fill = 100 B = 800 bits = 53.3 s: the device falls back to its sensor alone, whose codec fits.
+    assert get_codec("topk:1").encoded_size(10, 10) == 100
+    plans = a.allocate(1, [0], telemetry([float("inf")], [15.0]))
+    assert plans[0] == DevicePlan(True, "sensor", "small", 2, "topk:1")
+    with pytest.raises(ValueError, match="codec"):
+        ResourceAware(modality_codecs={"sensor": ["zip"]})
