@@ -201,7 +201,9 @@ class FogModels:
     # -- scores and checkpoints ---------------------------------------------------
     def score(self, devices: Mapping[Architecture, int]) -> tuple[float, dict[str, float]]:
         """What the population's devices serve: each architecture's accuracy is the mean over
-        fogs of that fog's model (a fog that has not made one yet serves the initial model)."""
+        fogs of that fog's model (a fog that has not made one yet serves the initial model).
+        Fogs count equally: counting each fog's devices would mean a pass over the whole
+        population, and fogs by area hold about as many devices each."""
         test = self.ctx.test_split
         scores, per_fog = {}, []
         with single_threaded():
@@ -210,7 +212,8 @@ class FogModels:
                 scores[arch] = float(np.mean(accs))
                 per_fog.append(accs)
         headline, metrics = architecture_metrics(scores, devices)
-        by_fog = np.mean(per_fog, axis=0)
+        census = np.array([devices[arch] for arch in sorted(devices)], dtype=np.float64)
+        by_fog = np.average(per_fog, axis=0, weights=census if census.sum() > 0 else None)
         metrics["accuracy_fog_min"], metrics["accuracy_fog_max"] = float(by_fog.min()), float(by_fog.max())
         return headline, metrics
 
