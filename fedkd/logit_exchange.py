@@ -109,9 +109,8 @@ class LogitExchange(NoClientEvaluation, Strategy):
     def _ask_public_batch(self, server_round: int) -> None:
         """Draw the round's public samples from (seed, round): the same in every process and on resume."""
         rng = rng_for(self.public.seed, "public-batch", server_round)
-        pool = self.public.size if self.public_pool is None else self.public_pool
-        available = self.public.size if self.public_pool is None else len(self.public_pool)
-        self._asked_indices = np.sort(rng.choice(pool, min(self.public_batch, available), replace=False))
+        pool = np.arange(self.public.size) if self.public_pool is None else self.public_pool
+        self._asked_indices = np.sort(rng.choice(pool, min(self.public_batch, len(pool)), replace=False))
 
     def _task(self, server_round: int, codec: str, local_epochs: int | None,
               targets: tuple[np.ndarray, np.ndarray] | None) -> ConfigRecord:

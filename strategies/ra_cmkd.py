@@ -43,6 +43,7 @@ from fedkd.registry import resolve_allocator
 from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
 from fedkd.runtime.architectures import Architecture, population_architectures
 from fedkd.runtime.records import FOG_MODEL, payload_bytes
+from fedkd.runtime.server import node_profile
 from fedkd.seeding import rng_for
 
 SHARES_WEIGHTS = False
@@ -70,6 +71,7 @@ class RACMKD(LogitExchange):
             raise ValueError(f"validation_samples must be 0 or more, got {validation_samples}")
         self.validation_samples = validation_samples
         self.fog_models: FogModels | None = None
+        self._ctx = None
         self.devices: dict[Architecture, int] = {}  # the population's census, for scoring
         self._archs: dict[int, Architecture] = {}  # this round's devices' planned architectures
         self.check_teachers = check_teachers  # weigh each modality by its accuracy on public labels
@@ -131,15 +133,13 @@ class RACMKD(LogitExchange):
         digest = 0 if self.use_fog_models else max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
 
         def model_bytes(tier: str, modalities: tuple[str, ...]) -> int:
-            if not self.use_fog_models:
-                return 0
             model = ctx.new_model(tier, modalities=modalities)
             return payload_bytes(RecordDict({FOG_MODEL: _model_record(model, self.model_downlink)}))
 
         self.allocator.bind(hardware, flops, TaskShape(
             public_batch=batch, distill_samples=digest * self.distill_epochs, num_classes=classes,
             downlink_bytes=self._measure_downlink(batch, digest, classes), reply_overhead_bytes=_reply_overhead(),
-            model_bytes=model_bytes), deadline_s=ctx.scenario.world.round_deadline_s)
+            model_bytes=model_bytes if self.use_fog_models else None), deadline_s=ctx.scenario.world.round_deadline_s)
 
     def fedkd_state(self) -> dict:
         return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
@@ -185,7 +185,8 @@ class RACMKD(LogitExchange):
         self._archs = {device: self._architecture(device, plan) for device, plan in self._plans.items()}
         for device, plan in sorted(self._plans.items()):
             fog, arch = self._fog(device), self._archs[device]
-            targets = None if self.fog_models else self._targets_for(fog, "+".join(arch.modalities), server_round)
+            targets = (None if self.fog_models is not None
+                       else self._targets_for(fog, "+".join(arch.modalities), server_round))
             task = self._task(server_round, plan.codec, plan.local_epochs, targets)
             task["modality"], task["model-tier"] = "+".join(arch.modalities), arch.tier
             content = RecordDict({"config": task})
@@ -197,13 +198,8 @@ class RACMKD(LogitExchange):
     def _architecture(self, device: int, plan: DevicePlan) -> Architecture:
         """The model a device runs this round: its registered one, or the smaller tier or
         single sensor its plan asks for (sensors kept in the dataset's order)."""
-        profile = self._profiles.get(device)
-        if profile is not None:
-            tier, modalities = profile.model_tier, tuple(profile.modalities)
-        else:
-            ctx = self._ctx
-            tier = ctx.population.class_of(device).model_tier or ctx.scenario.training.model_tier
-            modalities = ctx.modalities_of(device)
+        profile = self._profiles.get(device) or node_profile(self._ctx, device)
+        tier, modalities = profile.model_tier, tuple(profile.modalities)
         if plan.modality is not None:
             wanted = set(plan.modality.split("+"))
             modalities = tuple(m for m in modalities if m in wanted)
@@ -265,7 +261,7 @@ class RACMKD(LogitExchange):
             self.fog_targets[fog] = blend(view, self.cloud_targets, self.cloud_share)
         self.target_indices = self._asked_indices
         self._file_in_banks()
-        fog_flops, distill_losses = {}, []
+        fog_flops, model_bytes, distill_losses = {}, {}, []
         if self.fog_models is not None:
             for fog in sorted(fog_views):
                 targets = {arch: found for arch in self.fog_models.architectures(fog)
@@ -273,7 +269,7 @@ class RACMKD(LogitExchange):
                 loss, fog_flops[fog] = self.fog_models.distill(fog, targets, server_round)
                 distill_losses.append(loss)
             model_bytes = self.fog_models.share_through_cloud(sorted(fog_views), self.cloud_model_share)
-        self._ship_over_backhaul(fog_views, fog_flops, model_bytes if self.fog_models is not None else {})
+        self._ship_over_backhaul(fog_views, fog_flops, model_bytes)
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
         losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
         metrics = MetricRecord({"train-loss": float(np.average(losses, weights=weights)),
