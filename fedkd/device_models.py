@@ -12,6 +12,8 @@ from collections import OrderedDict
 import torch
 from flwr.app import ArrayRecord
 
+from .runtime.records import array_numpy
+
 SEP = "|"
 
 
@@ -36,7 +38,7 @@ def unpack(state: ArrayRecord | None, key: str) -> OrderedDict[str, torch.Tensor
     if state is None:
         return None
     prefix = key + SEP
-    found = OrderedDict((name[len(prefix):], torch.from_numpy(array.numpy().copy()))
+    found = OrderedDict((name[len(prefix):], torch.from_numpy(array_numpy(array).copy()))
                         for name, array in state.items() if name.startswith(prefix))
     return found or None
 
@@ -48,7 +50,7 @@ def pack(state: ArrayRecord | None, key: str, weights: dict[str, torch.Tensor]) 
     if state is not None:
         for name, array in state.items():
             if not name.startswith(prefix):
-                merged[name] = torch.from_numpy(array.numpy().copy())
+                merged[name] = torch.from_numpy(array_numpy(array).copy())
     for name, tensor in weights.items():
         merged[prefix + name] = tensor.detach().cpu()
     return ArrayRecord(merged)

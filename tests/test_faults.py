@@ -195,3 +195,22 @@ def test_garbage_logits_fail_as_invalid_and_never_reach_the_targets(kind):
     assert failures(recorder) == [(BAD_DEVICE, "invalid")]
     assert strategy.targets.shape == (4, CLASSES) and np.isfinite(strategy.targets).all()
     assert np.allclose(strategy.targets, 1 / CLASSES)
+
+
+@pytest.mark.parametrize("values", [
+    np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+    np.array([np.nan, 1.0, np.inf], dtype=np.float16),
+    np.zeros((0, 3), dtype=np.float32),
+    np.array(3.5),
+    np.arange(5, dtype=np.int64),
+])
+def test_arrays_read_in_place_equal_flowers_reading(values):
+    from flwr.app import Array
+
+    from fedkd.runtime.records import array_numpy
+
+    read = array_numpy(Array(values))
+    assert read.dtype == values.dtype
+    # Exactly what Flower's own reader gives, Fortran order and all.
+    assert np.array_equal(read, Array(values).numpy(), equal_nan=True) and read.shape == values.shape

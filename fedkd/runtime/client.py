@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from ..codecs import decode_any, get_codec
 from ..device_models import model_key, pack, unpack
 from ..distill import distill_on
-from ..runtime.records import COST, FOG_MODEL, PREFIX, STATE, cost_record, task_of
+from ..runtime.records import COST, FOG_MODEL, PREFIX, STATE, cost_record, task_of, torch_state_dict
 from ..scenario import Scenario
 from ..seeding import derive_seed
 from ..training import accuracy, predict_logits, train_local
@@ -41,7 +41,7 @@ def handle_train(scenario: Scenario, message: Message) -> Message:
     ctx = simulation_context(scenario)
     device = ctx.device(device_id)
     key, arrays, config = _strategy_records(message)
-    weights = arrays.to_torch_state_dict()
+    weights = torch_state_dict(arrays)
     # The model has the encoders the server sent: all of them for FedAvg's shared
     # model, only the device's own for a per-architecture model (FedDF). Weights of
     # another architecture fail to load, loudly.
@@ -72,7 +72,7 @@ def handle_evaluate(scenario: Scenario, message: Message) -> Message:
     device = ctx.device(int(task["device_id"]))
     _, arrays, _ = _strategy_records(message)
     model = ctx.new_model(device.model_tier)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict(torch_state_dict(arrays))
     acc = accuracy(model, device.data, device.modalities)
     flops = ctx.forward_flops_per_sample(device.model_tier, device.modalities) * len(device.data)
     return Message(RecordDict({
@@ -112,7 +112,7 @@ def handle_logits(scenario: Scenario, message: Message) -> Message:
     state = message.content.get(STATE)
     fog_model = message.content.get(FOG_MODEL)
     # A device that starts from its fog's model need not keep its own between rounds.
-    weights = ({name: t.float() for name, t in fog_model.to_torch_state_dict().items()}
+    weights = ({name: t.float() for name, t in torch_state_dict(fog_model).items()}
                if fog_model is not None else unpack(state, key))
     if weights is not None:
         model.load_state_dict(weights)

@@ -32,6 +32,7 @@ from ..sim.recorder import RoundRecorder
 from ..sim.world import DeviceWorld
 from ..training import predict_logits
 from .context import SimulationContext, simulation_context
+from .records import torch_state_dict
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointStore
@@ -80,7 +81,7 @@ def evaluate_global(ctx: SimulationContext, arrays: ArrayRecord,
     """
     shares = shares or sensor_shares(ctx)
     model = ctx.new_model(ctx.scenario.training.model_tier)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict(torch_state_dict(arrays))
     test = ctx.test_split
     names = ctx.dataset.modality_names
 

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from ..codecs import decode_any
-from ..runtime.records import COST, PREFIX
+from ..runtime.records import COST, PREFIX, array_numpy
 
 
 def reply_problem(task: Message, reply: Message, num_classes: int | None = None) -> str | None:
@@ -53,7 +53,7 @@ def _arrays_problem(task: RecordDict, reply: RecordDict, message_type: str) -> s
                     return f"array {key}/{name} has dtype {array.dtype}, the task sent {want.dtype}"
                 if tuple(array.shape) != tuple(want.shape):
                     return f"array {key}/{name} has shape {tuple(array.shape)}, the task sent {tuple(want.shape)}"
-            values = array.numpy()
+            values = array_numpy(array)
             if values.dtype.kind in "fc" and not np.isfinite(values).all():
                 return f"non-finite values in array {key}/{name}"
     return None
