@@ -61,4 +61,7 @@ def _modalities(scenario: Scenario) -> tuple[str, ...]:
     declared = getattr(cls, "MODALITY_NAMES", None)
     if declared is not None:
         return tuple(declared)
-    return data.load_dataset(scenario.data.dataset, scenario.data.options, scenario.seed).modality_names
+    try:
+        return data.load_dataset(scenario.data.dataset, scenario.data.options, scenario.seed).modality_names
+    except (ValueError, TypeError) as exc:  # a dataset that checks its options less politely than ours
+        raise FedkdError(f"dataset {scenario.data.dataset!r} refused its options: {exc}") from None

@@ -49,6 +49,14 @@ def _patch_folders_without_root() -> dict:
     return scenario
 
 
+def _parking(**options) -> dict:
+    scenario = copy.deepcopy(TINY)
+    scenario["data"] = {"dataset": "parking", "options": options}
+    for device_class in scenario["population"]["classes"]:
+        device_class.pop("modalities")
+    return scenario
+
+
 # case -> (scenario: dict, YAML text, or None for no file; what the one line must contain)
 CASES = {
     "malformed_yaml": ("name: x\nrounds: [1, 2\nseed: 3\n", "line 3, column 5: malformed YAML"),
@@ -64,6 +72,10 @@ CASES = {
         "data.partition.disjoint: disjoint shards need devices x min_samples <= train samples"),
     "missing_data_path": (_patch_folders_without_root(), "data.options.root: no/such/patches: no such folder"),
     "missing_scenario_file": (None, "file not found"),
+    "wrong_option_value": (_scenario(data__options__image_size=5),
+                           "data.options.image_size: image_size=5: expected a divisor of 28"),
+    "wrong_parking_option_value": (_parking(num_cameras=-2),
+                                   "data.options.num_cameras: num_cameras=-2: expected 1 or more"),
     "alias_bomb": (_alias_bomb(), "YAML aliases expand past"),
 }
 

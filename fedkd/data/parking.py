@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedkd.data.base import Dataset, ModalitySpec, Split, SplitName, SPLIT_NAMES
+from fedkd.errors import FedkdError
 from fedkd.seeding import derive_seed, rng_for
 
 BLOCK = 512
@@ -86,12 +87,16 @@ class ParkingWorld(Dataset):
     def __init__(self, seed: int = 0, num_cameras: int = 6, patch_px: int = 16, sensor_steps: int = 32,
                  train_size: int = 6000, test_size: int = 1000, public_size: int = 1000,
                  occupancy_rate: float = 0.5, difficulty: float = 1.0) -> None:
-        if num_cameras < 1 or patch_px < 4 or sensor_steps < 4:
-            raise ValueError("need num_cameras >= 1, patch_px >= 4, sensor_steps >= 4")
-        if not 0.0 <= occupancy_rate <= 1.0 or difficulty < 0.0:
-            raise ValueError("need 0 <= occupancy_rate <= 1 and difficulty >= 0")
-        if min(train_size, test_size, public_size) < 0:
-            raise ValueError("split sizes must be >= 0")
+        # Messages start with "option=value" so the scenario loader can name the key.
+        for option, value, least in (("num_cameras", num_cameras, 1), ("patch_px", patch_px, 4),
+                                     ("sensor_steps", sensor_steps, 4), ("train_size", train_size, 0),
+                                     ("test_size", test_size, 0), ("public_size", public_size, 0)):
+            if value < least:
+                raise FedkdError(f"{option}={value}: expected {least} or more")
+        if not 0.0 <= occupancy_rate <= 1.0:
+            raise FedkdError(f"occupancy_rate={occupancy_rate}: expected a fraction in [0, 1]")
+        if difficulty < 0.0:
+            raise FedkdError(f"difficulty={difficulty}: expected 0 or more")
         self.seed, self.num_cameras, self.patch_px, self.sensor_steps = seed, num_cameras, patch_px, sensor_steps
         self.occupancy_rate, self.difficulty = occupancy_rate, difficulty
         self.sizes: dict[str, int] = {"train": train_size, "test": test_size, "public": public_size}
