@@ -42,7 +42,7 @@ def check_references(scenario: Scenario, path: str, strict_defaults: bool = True
         try:
             # Build it once now: a constructor that rejects a value should fail here, not mid-run.
             ref.cls(**params)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, FedkdError) as exc:
             raise ScenarioError(path, f"strategies[{i}].params", f"{spec.name}: {exc}") from None
         if ref.shares_weights and len(tiers) > 1:
             raise ScenarioError(path, f"strategies[{i}]",

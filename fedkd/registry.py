@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -21,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
+from pydantic import TypeAdapter, ValidationError
 
 from .errors import FedkdError
 
@@ -249,4 +251,38 @@ def check_params(ref: StrategyRef, params: dict[str, Any]) -> str | None:
     unknown = sorted(set(params) - accepted) if accepted is not None else []
     if unknown:
         return f"{ref.name} does not accept these params: {unknown}; it takes {sorted(accepted)}"
+    return _type_problem(ref, params)
+
+
+def _declared_types(cls: type) -> dict[str, Any]:
+    """Each constructor parameter's annotation, the most derived class's winning."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            hints.update(typing.get_type_hints(init))
+        except Exception:  # noqa: BLE001 - unresolvable annotations (a third-party class): no check
+            continue
+    hints.pop("return", None)
+    return hints
+
+
+def _type_problem(ref: StrategyRef, params: dict[str, Any]) -> str | None:
+    """The first param whose value does not fit its annotation (pydantic, strict: "yes" is
+    no bool and 2.0 no int; an int is a float), or None."""
+    hints = _declared_types(ref.cls)
+    for name, value in params.items():
+        if name not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[name])
+        except Exception:  # noqa: BLE001 - an annotation pydantic cannot check (a Callable, say)
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            expected = getattr(hints[name], "__name__", None) or str(hints[name]).replace("typing.", "")
+            return f"{ref.name}: {name} expected {expected} (got {value!r})"
     return None
