@@ -47,6 +47,7 @@ class TaskShape:
     downlink_bytes: int  # targets and config the device receives
     reply_overhead_bytes: int  # the reply's records besides the logits
     # Bytes of a model the device downloads to start from, by (tier, modalities); None: none.
+    # Called for every plan tried: cache it on the strategy's side.
     model_bytes: Callable[[str, tuple[str, ...]], int] | None = None
 
 
@@ -101,7 +102,7 @@ class ResourceAware(Allocator):
         flops = (train_per_sample * (hw.samples * epochs + shape.distill_samples)
                  + forward_per_sample * shape.public_batch)
         up = _encoded_size(codec, shape.public_batch, shape.num_classes) + shape.reply_overhead_bytes
-        down = shape.downlink_bytes + (_model_bytes(shape.model_bytes, tier, modalities) if shape.model_bytes else 0)
+        down = shape.downlink_bytes + (shape.model_bytes(tier, modalities) if shape.model_bytes else 0)
         seconds = 2 * hw.latency_s + 8 * down / downlink_bps + flops / compute_flops + 8 * up / uplink_bps
         joules = flops * hw.energy_per_flop_j + down * hw.energy_per_byte_down_j + up * hw.energy_per_byte_up_j
         return seconds, joules
@@ -126,11 +127,6 @@ class ResourceAware(Allocator):
                     break
             plans[device] = chosen
         return plans
-
-
-@lru_cache(maxsize=256)
-def _model_bytes(measure: Callable[[str, tuple[str, ...]], int], tier: str, modalities: tuple[str, ...]) -> int:
-    return measure(tier, modalities)
 
 
 @lru_cache(maxsize=256)

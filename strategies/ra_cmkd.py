@@ -27,6 +27,7 @@ then what is scored.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -132,6 +133,7 @@ class RACMKD(LogitExchange):
         # With fog models a device digests nothing: it downloads the model its fog distilled.
         digest = 0 if self.use_fog_models else max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
 
+        @functools.cache  # the allocator asks for every plan of every device, every round
         def model_bytes(tier: str, modalities: tuple[str, ...]) -> int:
             model = ctx.new_model(tier, modalities=modalities)
             return payload_bytes(RecordDict({FOG_MODEL: _model_record(model, self.model_downlink)}))
@@ -183,6 +185,10 @@ class RACMKD(LogitExchange):
         self._ask_public_batch(server_round)
         messages = []
         self._archs = {device: self._architecture(device, plan) for device, plan in self._plans.items()}
+        # One download per (fog, architecture), shared by its devices' messages.
+        downloads = {} if self.fog_models is None else {
+            (self._fog(d), arch): _model_record(self.fog_models.model(self._fog(d), arch), self.model_downlink)
+            for d, arch in self._archs.items()}
         for device, plan in sorted(self._plans.items()):
             fog, arch = self._fog(device), self._archs[device]
             targets = (None if self.fog_models is not None
@@ -191,7 +197,7 @@ class RACMKD(LogitExchange):
             task["modality"], task["model-tier"] = "+".join(arch.modalities), arch.tier
             content = RecordDict({"config": task})
             if self.fog_models is not None:
-                content[FOG_MODEL] = _model_record(self.fog_models.model(fog, arch), self.model_downlink)
+                content[FOG_MODEL] = downloads[(fog, arch)]
             messages.append(Message(content, device, MESSAGE_TYPE))
         return messages
 
