@@ -26,17 +26,22 @@ def bare_loop(scenario, chosen_by_round: dict[int, list[int]]) -> float:
     import torch
 
     from fedkd.runtime.context import simulation_context
-    from fedkd.runtime.server import evaluate_global
+    from fedkd.scoring import evaluation_panel, global_model, score_panel
     from fedkd.seeding import derive_seed
     from fedkd.training import train_local
-    from flwr.app import ArrayRecord
 
     ctx = simulation_context(scenario)
+    panel = evaluation_panel(ctx, scenario.evaluation.panel_devices)
+
+    def evaluate_global(state) -> None:  # the same scoring a FedAvg run pays
+        shared = global_model(ctx, state)
+        score_panel(ctx, panel, lambda device: shared)
+
     training = scenario.training
     started = time.perf_counter()
     torch.set_num_threads(1)
     global_state = ctx.new_model(training.model_tier).state_dict()
-    evaluate_global(ctx, ArrayRecord(global_state))
+    evaluate_global(global_state)
     for server_round in sorted(chosen_by_round):
         states, weights = [], []
         for device_id in chosen_by_round[server_round]:
@@ -52,7 +57,7 @@ def bare_loop(scenario, chosen_by_round: dict[int, list[int]]) -> float:
         if states:
             w = np.array(weights, dtype=np.float64) / sum(weights)
             global_state = {k: sum(float(wi) * s[k] for wi, s in zip(w, states)) for k in states[0]}
-        evaluate_global(ctx, ArrayRecord(global_state))
+        evaluate_global(global_state)
     return time.perf_counter() - started
 
 

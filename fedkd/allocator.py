@@ -9,6 +9,11 @@ the ``fedkd.allocators`` entry-point group).
 
 Strategies that take an allocator (``ra_cmkd``) name it with their
 ``allocator`` parameter; the simulated grid's ``telemetry()`` is what they pass.
+An allocator is always handed a read-only view of the devices' last reports
+(:class:`fedkd.sim.telemetry.Telemetry`): :func:`plans_for` passes such a view
+as it is and copies the report fields of anything else into one, so no
+allocator can reach the world's true state, the population or the grid through
+what it is given, nor write to the reports.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from typing import Protocol
 import numpy as np
 
 from .errors import FedkdError
+from .sim.telemetry import FIELDS as REPORT_FIELDS
+from .sim.telemetry import Telemetry as TelemetryView
 
 BUILTIN_ALLOCATORS: dict[str, str] = {
     "all_in": "fedkd.allocator:AllIn",
@@ -31,12 +38,16 @@ BUILTIN_ALLOCATORS: dict[str, str] = {
 class Telemetry(Protocol):
     """What an allocator may read: numpy arrays over the population, indexed by device id.
 
-    Any object with these attributes will do (a dataclass, a SimpleNamespace).
+    A strategy may pass :func:`plans_for` any object with at least these
+    attributes (a dataclass, a SimpleNamespace); the allocator gets a read-only
+    copy of its report fields (``fedkd.sim.telemetry.FIELDS``: also
+    ``downlink_bps``, ``online``, ``reported_at_s``, ``capacity_j`` when present,
+    and ``now_s``) and nothing else.
     """
 
-    battery_j: np.ndarray  # charge left; inf for mains-powered devices
-    uplink_bps: np.ndarray  # this round's uplink speed
-    compute_flops: np.ndarray  # this round's compute speed, FLOP/s
+    battery_j: np.ndarray  # charge left when last reported; inf for mains-powered devices
+    uplink_bps: np.ndarray  # uplink speed when last reported
+    compute_flops: np.ndarray  # compute speed when last reported, FLOP/s
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,25 @@ class AllIn(Allocator):
         return {int(d): DevicePlan() for d in device_ids}
 
 
+def telemetry_view(telemetry: Telemetry | None) -> TelemetryView | None:
+    """What an allocator is handed: ``telemetry`` itself if it is already a read-only
+    view (the simulated grid's ``telemetry()``), else a view holding read-only copies
+    of its report fields only; None stays None (no telemetry: strategies then plan
+    without it)."""
+    if telemetry is None or isinstance(telemetry, TelemetryView):
+        return telemetry
+    columns = {name: getattr(telemetry, name) for name in REPORT_FIELDS if getattr(telemetry, name, None) is not None}
+    try:
+        return TelemetryView.from_arrays(getattr(telemetry, "now_s", None), **columns)
+    except TypeError as exc:
+        raise FedkdError(f"telemetry {type(telemetry).__name__} is not usable by an allocator: {exc}") from None
+
+
 def plans_for(allocator: Allocator, server_round: int, device_ids: Sequence[int],
-              telemetry: Telemetry) -> dict[int, DevicePlan]:
-    """Call ``allocator`` and check its answer: one DevicePlan per candidate, no others."""
-    plans = allocator.allocate(server_round, device_ids, telemetry)
+              telemetry: Telemetry | None) -> dict[int, DevicePlan]:
+    """Call ``allocator`` on a read-only view of ``telemetry`` (:func:`telemetry_view`) and
+    check its answer: one DevicePlan per candidate, no others."""
+    plans = allocator.allocate(server_round, device_ids, telemetry_view(telemetry))
     name = type(allocator).__name__
     if not isinstance(plans, Mapping):
         raise FedkdError(f"allocator {name} returned {type(plans).__name__}; "

@@ -10,7 +10,9 @@ once more, as its results only. ``fedkd simulate ... --resume`` skips the
 finished strategies and restarts the others from their last round; every
 draw in fedkd is keyed by (seed, round, device, ...), never by call order, so
 the resumed run writes the same ``rounds.csv`` as one that was never stopped.
-The folder is removed once the results are written.
+The folder is removed once the results are written. A run with several
+seeds keeps one file per (seed, strategy), ``seed<s>-<n>-<label>.pt``, and
+resumes each where it stopped; with one seed the names are as above.
 
 Safety: a checkpoint holds only tensors, numbers, strings and lists, tuples
 and dicts of them (numpy arrays, bytes and Flower's Array-, Config- and
@@ -46,27 +48,51 @@ class CheckpointError(FedkdError):
     """A checkpoint that cannot be used: unreadable, or written by a different run."""
 
 
-def run_identity(scenario: Scenario) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the scenario's settings, seed and strategies.
+def scenario_seeds(scenario: Scenario) -> list[int]:
+    """The seeds a scenario runs: its ``seeds`` list, else its one ``seed``."""
+    return list(scenario.seeds) if scenario.seeds else [scenario.seed]
 
-    The backend is left out: it says how the run executes, not what it computes.
+
+def run_identity(scenario: Scenario, seed: int | None = None) -> dict[str, Any]:
+    """What a checkpoint of ``seed`` (default: the scenario's seed) must match to be resumed:
+    the scenario's settings, the seed, the strategies and, with several seeds, the seed list.
+
+    The backend is left out: it says how the run executes, not what it computes. The seeds
+    are left out of the settings' hash because they are compared one by one, for a clear message.
     """
-    settings = scenario.model_dump_json(exclude={"backend"})
-    return {"scenario": scenario.name, "seed": scenario.seed,
-            "strategies": [s.run_label for s in scenario.strategies],
-            "settings_sha256": hashlib.sha256(settings.encode()).hexdigest()}
+    settings = scenario.model_dump_json(exclude={"backend", "seed", "seeds"})
+    seeds = scenario_seeds(scenario)
+    identity = {"scenario": scenario.name, "seed": seeds[0] if seed is None else seed,
+                "strategies": [s.run_label for s in scenario.strategies],
+                "settings_sha256": hashlib.sha256(settings.encode()).hexdigest()}
+    if len(seeds) > 1:  # a one-seed identity is as it always was
+        identity["seeds"] = seeds
+    return identity
 
 
 class CheckpointStore:
-    """The checkpoint files of one results folder, for one scenario."""
+    """The checkpoint files of one results folder, for one scenario.
 
-    def __init__(self, out_dir: str | Path, scenario: Scenario):
+    With several seeds the store saves and loads the files of one seed (the
+    first; :meth:`for_seed` gives the others), while :meth:`inspect`,
+    :meth:`exists` and :meth:`clear` cover every seed's files.
+    """
+
+    def __init__(self, out_dir: str | Path, scenario: Scenario, seed: int | None = None):
         self.folder = Path(out_dir) / FOLDER
-        self.identity = run_identity(scenario)
+        self.seeds = scenario_seeds(scenario)
+        self.seed = self.seeds[0] if seed is None else seed
+        self.identity = run_identity(scenario, self.seed)
+        self._scenario = scenario
+
+    def for_seed(self, seed: int) -> CheckpointStore:
+        """The store of the same run that saves and loads ``seed``'s files."""
+        return CheckpointStore(self.folder.parent, self._scenario, seed)
 
     def path(self, index: int, label: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-        return self.folder / f"{index}-{safe}.pt"
+        tag = f"seed{self.seed}-" if len(self.seeds) > 1 else ""
+        return self.folder / f"{tag}{index}-{safe}.pt"
 
     def exists(self) -> bool:
         return self.folder.is_dir() and any(self.folder.glob("*.pt"))
@@ -92,17 +118,21 @@ class CheckpointStore:
         return payload
 
     def inspect(self) -> dict[str, dict[str, Any]]:
-        """Every checkpoint in the folder, by label: ``complete`` and ``rounds`` closed so far.
+        """Every checkpoint in the folder, by label (``"<label> seed <s>"`` with several seeds):
+        ``complete`` and ``rounds`` closed so far, in the order the run goes.
 
         A CheckpointError (one line) if any was written by a different scenario,
         seed or strategy list.
         """
-        found = {}
+        found = []
         for path in sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []:
-            payload = self._read(path)
+            payload = self._read(path, any_seed=True)
+            label, seed, labels = payload["label"], payload["identity"]["seed"], payload["identity"]["strategies"]
+            key = label if len(self.seeds) == 1 else f"{label} seed {seed}"
             rounds = len(payload["run"]["rounds"]) - 1  # round 0 is the initial model
-            found[payload["label"]] = {"complete": bool(payload["complete"]), "rounds": max(rounds, 0)}
-        return found
+            order = (self.seeds.index(seed), labels.index(label) if label in labels else len(labels))
+            found.append((order, key, {"complete": bool(payload["complete"]), "rounds": max(rounds, 0)}))
+        return {key: value for _, key, value in sorted(found, key=lambda item: item[0])}
 
     def clear(self) -> None:
         """Remove the checkpoint files (and temporaries a kill left behind), then the folder."""
@@ -115,7 +145,8 @@ class CheckpointStore:
         except OSError:
             pass  # a file fedkd did not write: leave the folder to its owner
 
-    def _read(self, path: Path) -> dict[str, Any]:
+    def _read(self, path: Path, any_seed: bool = False) -> dict[str, Any]:
+        """The checkpoint at ``path``, checked against this run (``any_seed``: any of its seeds)."""
         try:
             raw = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem for the user
@@ -127,17 +158,21 @@ class CheckpointStore:
                 or not isinstance(raw["run"], dict) or "rounds" not in raw["run"]):
             raise CheckpointError(f"{path}: not a fedkd checkpoint of format {FORMAT}; "
                                   "run without --resume to start over")
-        self._check_identity(path, raw.get("identity"))
+        self._check_identity(path, raw.get("identity"), any_seed)
         return decode(raw)
 
-    def _check_identity(self, path: Path, identity: Any) -> None:
+    def _check_identity(self, path: Path, identity: Any, any_seed: bool) -> None:
         mine = self.identity
+        if any_seed and isinstance(identity, dict) and identity.get("seed") in self.seeds:
+            mine = {**mine, "seed": identity["seed"]}  # another seed's file of this same run
         if identity == mine:
             return
         if not isinstance(identity, dict):
             problem = "it names no run"
         elif identity.get("scenario") != mine["scenario"]:
             problem = f"it is from scenario {identity.get('scenario')!r}, not {mine['scenario']!r}"
+        elif identity.get("seeds") != mine.get("seeds"):
+            problem = f"it is for {_seeds_text(identity)}, not {_seeds_text(mine)}"
         elif identity.get("seed") != mine["seed"]:
             problem = f"it is for seed {identity.get('seed')}, not {mine['seed']}"
         elif identity.get("strategies") != mine["strategies"]:
@@ -145,6 +180,11 @@ class CheckpointStore:
         else:
             problem = f"scenario {mine['scenario']!r} has changed since it was written"
         raise CheckpointError(f"{path}: cannot resume: {problem}; run without --resume to start over")
+
+
+def _seeds_text(identity: dict[str, Any]) -> str:
+    seeds = identity.get("seeds")
+    return f"seeds {seeds}" if seeds is not None else f"seed {identity.get('seed')}"
 
 
 # -- what may go into a checkpoint -------------------------------------------------

@@ -37,6 +37,19 @@ def _progress_printer(stream):
     return show
 
 
+def default_jobs() -> int:
+    """``--jobs`` when not given: ``FEDKD_JOBS`` if set (the test suite sets 1), else the cores."""
+    from .errors import FedkdError
+    from .runtime.backends import default_executors
+
+    text = os.environ.get("FEDKD_JOBS", "").strip()
+    if not text:
+        return default_executors()
+    if not text.isdigit() or int(text) < 1:
+        raise FedkdError(f"FEDKD_JOBS={text!r}: expected a positive integer")
+    return int(text)
+
+
 def cmd_validate(args) -> int:
     from .scenario import load_scenario
 
@@ -51,7 +64,7 @@ def cmd_strategies(args) -> int:
 
     for name in registered_strategies():
         ref = resolve_strategy(name)
-        print(f"{name:<12} {ref.description}")
+        print(f"{name:<14} {ref.description}")
     return 0
 
 
@@ -70,30 +83,72 @@ def _announce_checkpoint(store, resume: bool) -> None:
               "overwriting it (--resume continues it instead)", file=sys.stderr)
 
 
+def _seeds_option(args) -> list[int] | None:
+    """``--seeds`` as a list; FedkdError (one line, exit 2) if malformed or given with ``--seed``."""
+    from .errors import FedkdError
+    from .stats import parse_seeds
+
+    if args.seeds is None:
+        return None
+    if args.seed is not None:
+        raise FedkdError("--seed and --seeds: expected one of them (--seed N is --seeds N)")
+    try:
+        return parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise FedkdError(f"--seeds {args.seeds}: {exc}") from None
+
+
 def cmd_simulate(args) -> int:
     from .scenario import load_scenario
 
+    seeds = _seeds_option(args)
     scenario = load_scenario(args.scenario)  # first: a malformed file is refused before torch loads
     from .checkpoint import CheckpointStore
-    from .runner import simulate, with_overrides
+    from .runner import baseline_label, simulate, with_overrides
 
-    scenario = with_overrides(scenario, args.scenario, seed=args.seed, rounds=args.rounds,
+    scenario = with_overrides(scenario, args.scenario, seed=args.seed, seeds=seeds, rounds=args.rounds,
                               strategies=args.strategy, backend=args.backend)
+    baseline = baseline_label(scenario, args.baseline)
     out_dir = Path(args.out) if args.out else Path("results") / scenario.name
     if out_dir.exists() and not out_dir.is_dir():
         from .errors import FedkdError
 
         raise FedkdError(f"--out {out_dir} exists and is not a folder")
     _announce_checkpoint(CheckpointStore(out_dir, scenario), args.resume)
-    runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr), resume=args.resume)
+    jobs = args.jobs or default_jobs()
+    runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr), resume=args.resume,
+                             baseline=baseline, jobs=jobs)
+    _print_runs(runs)
+    print(f"results in {out_dir}/ ({', '.join(p.name for p in written)})")
+    return 0
+
+
+def _print_runs(runs) -> None:
+    """A line per run (per strategy and seed); with several seeds then a line per strategy."""
+    several = len({run.seed for run in runs}) > 1
     for run in runs:
         last = run.rounds[-1] if run.rounds else None
         note = f"  (stopped early: {run.stopped_early})" if run.stopped_early else ""
+        name = f"{run.label} seed {run.seed}" if several else run.label
         if last is not None:
-            print(f"{run.label:>12}: accuracy {last.accuracy:.3f} after {last.round} rounds, "
+            print(f"{name:>12}: accuracy {last.accuracy:.3f} after {last.round} rounds, "
                   f"{last.sim_time_s:,.0f} s simulated, {run.wall_time_s:.1f} s wall{note}")
-    print(f"results in {out_dir}/ ({', '.join(p.name for p in written)})")
-    return 0
+    if several:
+        for label in dict.fromkeys(run.label for run in runs):
+            print(f"{label:>12}: {_accuracy_over_seeds([r for r in runs if r.label == label])}")
+
+
+def _accuracy_over_seeds(runs) -> str:
+    """``accuracy 0.512 ± 0.034 (mean ± 95 % CI over 3 seeds)``: the final accuracies' mean and t-interval."""
+    from .stats import summarize_values
+
+    finals = summarize_values([run.rounds[-1].accuracy for run in runs if run.rounds])
+    if finals["mean"] is None:
+        return "no rounds"
+    if finals["ci95"] is None:
+        return f"accuracy {finals['mean']:.3f} (1 seed with rounds)"
+    half = finals["ci95"][1] - finals["mean"]
+    return f"accuracy {finals['mean']:.3f} ± {half:.3f} (mean ± 95 % CI over {finals['n']} seeds)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,12 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a scenario and write its results")
     sim.add_argument("scenario", help="scenario YAML file")
     sim.add_argument("--out", help="results folder (default: results/<scenario name>/)")
-    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed (and run that one seed)")
+    sim.add_argument("--seeds", metavar="LIST",
+                     help="run every strategy once per seed: 0-4, 0,2,7 or 0-2,7 (overrides the scenario's seeds)")
+    sim.add_argument("--baseline", metavar="LABEL",
+                     help="the strategy summary.json compares the others with, and whose final accuracy is the "
+                          "target (default: the first weight-sharing strategy, else the first)")
     sim.add_argument("--rounds", type=_positive_int, help="override the number of rounds")
     sim.add_argument("--strategy", action="append", metavar="NAME",
                      help="run this strategy instead of the scenario's list (repeatable); "
                           "a registry name, module:Class or path/to/file.py:Class")
     sim.add_argument("--backend", choices=["inprocess", "ray"], help="override the execution backend")
+    sim.add_argument("--jobs", type=_positive_int, metavar="N",
+                     help="(seed, strategy) runs side by side in N worker processes on the in-process "
+                          "backend (default: $FEDKD_JOBS, else the cores this process may use; "
+                          "1 runs them one by one in this process)")
     sim.add_argument("--resume", action="store_true",
                      help="continue the run checkpointed in the results folder from its last completed round")
     sim.set_defaults(func=cmd_simulate)

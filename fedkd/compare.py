@@ -1,8 +1,11 @@
 """``fedkd compare RUN_DIR...``: several runs in one table and one set of plots.
 
 Each RUN_DIR is a folder written by ``fedkd simulate``. Their ``rounds.csv``
-rows are merged into ``comparison.csv`` and drawn on the three accuracy plots
-of :mod:`fedkd.report`. A curve is labelled by its strategy when that is
+rows are merged into ``comparison.csv`` (one row per run, strategy, seed and
+round) and drawn on the three accuracy plots of :mod:`fedkd.report`: a
+strategy run with several seeds as the mean over seeds and its 95 % band.
+A folder written before rounds.csv had a ``seed`` column is one seed: the
+``seed`` of its summary.json, or empty without one. A curve is labelled by its strategy when that is
 unambiguous, by ``<scenario>/<strategy>`` when the runs come from different
 scenarios, and by ``<folder>/<strategy>`` (then the path as given) when labels
 would still collide. Every input is read and checked before anything is written.
@@ -28,7 +31,7 @@ TABLE = "comparison.csv"
 class RunFolder:
     path: Path  # as the user gave it
     scenario: str
-    rounds: pd.DataFrame
+    rounds: pd.DataFrame  # always with a seed column (nullable integers)
 
 
 def read_run(path: Path) -> RunFolder:
@@ -49,20 +52,30 @@ def read_run(path: Path) -> RunFolder:
     if rounds.empty:
         raise FedkdError(f"{csv} has no rounds")
     rounds["strategy"] = rounds["strategy"].astype(str)  # a label such as "1" stays text
-    return RunFolder(path, _scenario_name(path), rounds)
+    summary = _summary(path)
+    if "seed" not in rounds.columns:  # written before the column existed: the run's one seed
+        seed = summary.get("seed")
+        rounds.insert(1, "seed", seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+    try:
+        # Nullable integers: a seed reads "3", not "3.0", next to a folder that has none.
+        rounds["seed"] = rounds["seed"].astype("Int64")
+    except (TypeError, ValueError):
+        raise FedkdError(f"{csv}: the seed column holds something other than integers") from None
+    return RunFolder(path, str(summary.get("scenario") or path.resolve().name), rounds)
 
 
-def _scenario_name(path: Path) -> str:
+def _summary(path: Path) -> dict:
+    """The folder's summary.json, or {} when it has none (an older or hand-made run)."""
     summary = path / "summary.json"
     if not summary.is_file():
-        return path.resolve().name  # an older or hand-made run: its folder is the best name
+        return {}
     try:
         content = json.loads(summary.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise FedkdError(f"{summary} is not valid JSON: {' '.join(str(exc).split())}") from None
     if not isinstance(content, dict):
         raise FedkdError(f"{summary} holds a {type(content).__name__}; expected the summary of a fedkd run")
-    return str(content.get("scenario") or path.resolve().name)
+    return content
 
 
 def run_labels(runs: list[RunFolder]) -> list[str]:
@@ -130,11 +143,24 @@ def cmd_compare(args) -> int:
     written = write_comparison(out_dir, merged)
     width = max(len(label) for label in merged["label"])
     for label, rows in merged.groupby("label", sort=False):
-        last = rows.iloc[-1]
-        print(f"{label:>{width}}: accuracy {last['accuracy']:.3f} after {int(last['round'])} rounds, "
-              f"{last['sim_time_s']:,.0f} s simulated, {last['cum_bytes']:,.0f} bytes, {last['cum_energy_j']:,.1f} J")
+        print(f"{label:>{width}}: {_final_line(rows)}")
     print(f"comparison in {out_dir}/ ({', '.join(p.name for p in written)})")
     return 0
+
+
+def _final_line(rows: pd.DataFrame) -> str:
+    """One curve's last round; with several seeds the means over seeds (accuracy with its 95 % CI)."""
+    from .stats import summarize_values
+
+    finals = rows.groupby("seed", sort=False, dropna=False).tail(1)  # each seed's last round
+    last = finals.mean(numeric_only=True)
+    accuracy, note = f"{last['accuracy']:.3f}", ""
+    stats = summarize_values(finals["accuracy"].tolist())
+    if stats["ci95"] is not None:
+        accuracy += f" ± {stats['ci95'][1] - stats['mean']:.3f}"
+        note = f" (means over {stats['n']} seeds; accuracy ± 95 % CI)"
+    return (f"accuracy {accuracy} after {int(finals['round'].max())} rounds, {last['sim_time_s']:,.0f} s simulated, "
+            f"{last['cum_bytes']:,.0f} bytes, {last['cum_energy_j']:,.1f} J{note}")
 
 
 def register(subparsers) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .alignment import alignment_loss, projection_head
 from .distill import kd_loss
-from .runtime.architectures import Architecture, architecture_metrics, new_model, single_threaded
+from .runtime.architectures import Architecture, new_model, single_threaded
 from .seeding import derive_seed
 from .training import accuracy, predict_logits, to_tensors, train_local
 
@@ -38,7 +38,7 @@ class FogModels:
     def __init__(self, ctx, *, epochs: int = 2, learning_rate: float = 1e-3, temperature: float = 1.0,
                  align_weight: float = 0.1, align_dim: int = 16, batch_size: int = 64,
                  validation: np.ndarray | None = None, pretrain_epochs: int = 0,
-                 pretrain_samples: int | None = None):
+                 pretrain_samples: int | None = None, pretrain_pool: np.ndarray | None = None):
         self.check_settings(epochs=epochs, learning_rate=learning_rate, align_weight=align_weight,
                             align_dim=align_dim, batch_size=batch_size)
         self.batch_size = batch_size
@@ -47,7 +47,9 @@ class FogModels:
         # Labelled public samples never distilled or pretrained on: each model keeps its best epoch on them.
         self.validation = public.subset(held) if len(held) else None
         self._validation_labels = torch.from_numpy(public.labels[held].astype(np.int64))
-        self._labelled = np.setdiff1d(np.arange(len(public)), held)  # what pretraining may use
+        # What pretraining may use, in the order labels are handed out (fedkd.labels).
+        self._labelled = (np.setdiff1d(np.arange(len(public)), held) if pretrain_pool is None
+                          else np.asarray(pretrain_pool, dtype=np.int64))
         self.ctx, self.epochs, self.learning_rate, self.temperature = ctx, epochs, learning_rate, temperature
         self.align_weight, self.align_dim = align_weight, align_dim
         self.pretrain_epochs, self.pretrain_samples = pretrain_epochs, pretrain_samples
@@ -206,23 +208,9 @@ class FogModels:
         return moved
 
     # -- scores and checkpoints ---------------------------------------------------
-    def score(self, devices: Mapping[Architecture, int]) -> tuple[float, dict[str, float]]:
-        """What the population's devices serve: each architecture's accuracy is the mean over
-        fogs of that fog's model (a fog that has not made one yet serves the initial model).
-        Fogs count equally: counting each fog's devices would mean a pass over the whole
-        population, and fogs by area hold about as many devices each."""
-        test = self.ctx.test_split
-        scores, per_fog = {}, []
-        with single_threaded():
-            for arch in sorted(devices):
-                accs = [accuracy(self.model(fog, arch), test, arch.modalities) for fog in range(self.fogs)]
-                scores[arch] = float(np.mean(accs))
-                per_fog.append(accs)
-        headline, metrics = architecture_metrics(scores, devices)
-        census = np.array([devices[arch] for arch in sorted(devices)], dtype=np.float64)
-        by_fog = np.average(per_fog, axis=0, weights=census if census.sum() > 0 else None)
-        metrics["accuracy_fog_min"], metrics["accuracy_fog_max"] = float(by_fog.min()), float(by_fog.max())
-        return headline, metrics
+    def pretrain_indices(self) -> np.ndarray:
+        """The labelled public samples pretraining reads (none without pretraining)."""
+        return self._labelled[:self.pretrain_samples] if self.pretrain_epochs > 0 else np.zeros(0, np.int64)
 
     def state(self) -> dict:
         return {f"{fog}|{arch.key}": {"fog": fog, "tier": arch.tier, "modalities": list(arch.modalities),

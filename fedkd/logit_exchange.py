@@ -8,6 +8,13 @@ logits for the new public samples through a codec. The server combines them
 into the next targets; a subclass says how by overriding ``combine``. Devices
 keep their own models (any architecture, any sensors), so nothing forces one
 architecture on the population.
+
+With ``public_pretrain_epochs`` > 0 a device whose model is new (its first
+task, or the first with a model size or sensor set it had not used) first
+trains it for that many epochs on labelled public samples, FedMD's transfer
+step: the first ``public_pretrain_samples`` (None: all) of the public split,
+as the client takes them (``fedkd.runtime.client.handle_logits``).
+``fedkd_labels_read`` reports those samples.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from .codecs import decode_any, get_codec
+from .labels import labelled_public
 from .seeding import rng_for
 from .strategy_parts import NoClientEvaluation, weighted_reply_metrics
 
@@ -49,6 +57,10 @@ class LogitExchange(NoClientEvaluation, Strategy):
                  public_pretrain_epochs: int = 0, public_pretrain_samples: int | None = None):
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if public_pretrain_epochs < 0:
+            raise ValueError(f"public_pretrain_epochs must be 0 or more, got {public_pretrain_epochs}")
+        if public_pretrain_samples is not None and public_pretrain_samples < 1:
+            raise ValueError(f"public_pretrain_samples must be positive or None, got {public_pretrain_samples}")
         if public_batch < 1:
             raise ValueError(f"public_batch must be positive, got {public_batch}")
         get_codec(codec), get_codec(downlink_codec or codec)  # fail now on a bad codec name
@@ -68,6 +80,21 @@ class LogitExchange(NoClientEvaluation, Strategy):
     def fedkd_bind(self, public: PublicSet) -> None:
         """Called by fedkd before the first round: the public set this run shares."""
         self.public = public
+
+    def fedkd_labels_read(self) -> dict[str, np.ndarray]:
+        """{purpose: the public samples whose labels this strategy reads}: the samples devices
+        pretrain on (``"transfer"``) when pretraining is on, else nothing; the server reads none."""
+        if self.public_pretrain_epochs <= 0:
+            return {}
+        if self.public is None:
+            raise RuntimeError(f"{type(self).__name__} needs fedkd_bind() with the public set first")
+        return {"transfer": labelled_public(self.public.seed, self.public.size, self._pretrain_count())}
+
+    def _pretrain_count(self) -> int:
+        """How many public samples a device pretrains on: the client's rule, the first
+        ``public_pretrain_samples`` of the run's labelled order (all of the split for None)."""
+        wanted = self.public.size if self.public_pretrain_samples is None else self.public_pretrain_samples
+        return min(int(wanted), self.public.size)
 
     def fedkd_state(self) -> dict:
         """What later rounds depend on, for checkpoints: the targets and the samples they refer to."""

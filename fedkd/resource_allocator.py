@@ -7,6 +7,12 @@ precise codec) down to the cheapest, predicts the plan's time and energy from
 the device's last report and its registered hardware, and keeps the richest
 plan that fits with a safety margin. A device for which no plan fits sits the
 round out, instead of failing mid-task and wasting the energy it spent.
+
+What it knows of a device's state is the read-only telemetry view
+:func:`fedkd.allocator.plans_for` hands it (the device's last, possibly stale
+and noisy report; a device that reported no downlink speed is assumed to have
+its uplink's); what it knows of its hardware is the registration its strategy
+binds (:meth:`ResourceAware.bind`). Neither leads to the simulated world.
 """
 from __future__ import annotations
 

@@ -49,3 +49,8 @@ class StrategyRun:
     devices: list[DeviceRecord] = field(default_factory=list)
     stopped_early: str | None = None  # why the run ended before its last round
     wall_time_s: float = 0.0
+    seed: int = 0  # the scenario seed this run used (fedkd.runner sets it; several seeds: one run each)
+    # Label budget: purpose -> distinct labelled public samples read for it, and the
+    # distinct count over all purposes (a sample read for two purposes counts once).
+    labelled_public: dict[str, int] = field(default_factory=dict)
+    labelled_public_total: int = 0

@@ -2,30 +2,43 @@
 
 ``simulate`` checkpoints the run in the results folder after every round and
 removes the checkpoint once the results are written; with ``resume=True`` it
-continues from that checkpoint (:mod:`fedkd.checkpoint`).
+continues from that checkpoint (:mod:`fedkd.checkpoint`). A scenario with
+several seeds (``seeds``, or ``--seeds``) runs every strategy once per seed,
+each seed on the scenario with ``seed`` replaced.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointStore
+from flwr.clientapp import ClientApp
+
+from .checkpoint import CheckpointStore, scenario_seeds
+from .errors import FedkdError
 from .references import check_references
-from .report import versions, write_results
+from .report import default_baseline, versions, write_results
 from .results import StrategyRun
 from .runtime.backends import run_backend
 from .runtime.client import make_client_app
 from .runtime.server import ProgressFn, StrategyJob, make_server_app
 from .scenario import Scenario, parse_scenario
+from .parallel import RunTask, run_in_processes
 from .sim.recorder import run_from_state, run_state
 
 
-def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, rounds: int | None = None,
-                   strategies: list[str] | None = None, backend: str | None = None) -> Scenario:
-    """The scenario with command-line overrides applied and validated again."""
+def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, seeds: list[int] | None = None,
+                   rounds: int | None = None, strategies: list[str] | None = None,
+                   backend: str | None = None) -> Scenario:
+    """The scenario with command-line overrides applied and validated again.
+
+    ``seed`` makes it a one-seed run (the scenario's ``seeds`` are dropped);
+    ``seeds`` replaces the scenario's list. The command line never gives both.
+    """
     data = scenario.model_dump(mode="json")
     if seed is not None:
-        data["seed"] = seed
+        data["seed"], data["seeds"] = seed, None
+    if seeds is not None:
+        data["seeds"] = list(seeds)
     if rounds is not None:
         data["rounds"] = rounds
     if backend is not None:
@@ -45,46 +58,107 @@ def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, ro
     return updated
 
 
+def for_seed(scenario: Scenario, seed: int) -> Scenario:
+    """The one-seed scenario that ``seed`` runs: ``seed`` replaced, ``seeds`` dropped.
+
+    Dropping ``seeds`` makes it the very scenario a one-seed run of that seed
+    would be, so it computes (and caches its context) the same.
+    """
+    return scenario.model_copy(update={"seed": seed, "seeds": None})
+
+
 def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
-                 checkpoints: CheckpointStore | None = None, resume: bool = False) -> list[StrategyRun]:
-    """Every strategy's run; with ``checkpoints``, each saved after every round and when it
-    finishes. With ``resume``, finished strategies are taken from there, the others continue."""
-    runs: list[StrategyRun] = []
-    client_app = make_client_app(scenario)
-    for index, spec in enumerate(scenario.strategies):
-        saved = checkpoints.load(index, spec.run_label) if checkpoints is not None and resume else None
-        if saved is not None and saved["complete"]:
-            runs.append(run_from_state(spec.run_label, spec.name, saved["run"]))
-            continue
-        sink: list[StrategyRun] = []
-        job = StrategyJob(scenario, spec, checkpoints, index, resume=saved is not None)
-        run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
-        if not sink:
-            raise RuntimeError(f"strategy {spec.run_label} finished without a result")
-        if checkpoints is not None:
-            checkpoints.save(index, spec.run_label, complete=True, run=run_state(sink[0]))
-        runs.extend(sink)
-    return runs
+                 checkpoints: CheckpointStore | None = None, resume: bool = False,
+                 jobs: int = 1) -> list[StrategyRun]:
+    """Every strategy's run for every seed, ordered by strategy (scenario order), then seed.
+
+    With ``checkpoints``, each (seed, strategy) is saved after every round and when it
+    finishes. With ``resume``, finished ones are taken from there, the others continue.
+    With several seeds ``progress`` sees the label ``"<label> seed <s>"``. With ``jobs`` > 1
+    on the in-process backend, up to ``jobs`` (seed, strategy) runs go side by side in
+    worker processes (:mod:`fedkd.parallel`), with the same results as one after another.
+    """
+    seeds = scenario_seeds(scenario)
+    done: list[StrategyRun] = []
+    pending: list[RunTask] = []
+    for seed in seeds:
+        one = for_seed(scenario, seed)
+        store = checkpoints.for_seed(seed) if checkpoints is not None else None
+        for index, spec in enumerate(one.strategies):
+            saved = store.load(index, spec.run_label) if store is not None and resume else None
+            if saved is not None and saved["complete"]:
+                run = run_from_state(spec.run_label, spec.name, saved["run"])
+                run.seed = seed  # also for a checkpoint written before runs kept their seed
+                done.append(run)
+            else:
+                pending.append(RunTask(one, index, store, resumed=saved is not None))
+    tagged = (lambda seed: _tag_progress(progress, seed)) if progress is not None and len(seeds) > 1 else (
+        lambda seed: progress)
+    if jobs > 1 and len(pending) > 1 and scenario.backend.kind == "inprocess":
+        done.extend(run_in_processes(pending, jobs, progress))
+    else:
+        apps: dict[int, ClientApp] = {}
+        for task in pending:
+            app = apps.setdefault(task.scenario.seed, make_client_app(task.scenario))
+            done.append(_run_strategy(task, app, tagged(task.scenario.seed)))
+    order = {spec.run_label: i for i, spec in enumerate(scenario.strategies)}
+    return sorted(done, key=lambda run: (order[run.label], run.seed))
+
+
+def _tag_progress(progress: ProgressFn, seed: int) -> ProgressFn:
+    return lambda label, record, total: progress(f"{label} seed {seed}", record, total)
+
+
+def _run_strategy(task: RunTask, client_app: ClientApp, progress: ProgressFn | None) -> StrategyRun:
+    scenario, spec, checkpoints = task.scenario, task.spec, task.checkpoints
+    sink: list[StrategyRun] = []
+    job = StrategyJob(scenario, spec, checkpoints, task.index, resume=task.resumed)
+    run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
+    if not sink:
+        raise RuntimeError(f"strategy {spec.run_label} finished without a result")
+    [run] = sink
+    # The server's recorder does not know the seed; set it before the final checkpoint, so a
+    # resumed run reads it back.
+    run.seed = scenario.seed
+    if checkpoints is not None:
+        checkpoints.save(task.index, spec.run_label, complete=True, run=run_state(run))
+    return run
+
+
+def baseline_label(scenario: Scenario, name: str | None) -> str:
+    """The strategy the others are compared with: ``name`` (a run label of the scenario), else
+    :func:`fedkd.report.default_baseline`. FedkdError (one line) for an unknown name."""
+    labels = [s.run_label for s in scenario.strategies]
+    if name is None:
+        return default_baseline([(s.run_label, s.name) for s in scenario.strategies])
+    if name not in labels:
+        raise FedkdError(f"--baseline {name}: expected one of the run's strategies {labels}")
+    return name
 
 
 def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: ProgressFn | None = None,
-             *, resume: bool = False) -> tuple[list[StrategyRun], list[Path]]:
+             *, resume: bool = False, baseline: str | None = None, jobs: int = 1
+             ) -> tuple[list[StrategyRun], list[Path]]:
     """Run the scenario and write its results to ``out_dir``, checkpointing as it goes.
 
     Without ``resume`` an earlier checkpoint in ``out_dir`` is discarded first.
+    ``baseline``: see :func:`baseline_label`; ``jobs``: see :func:`run_scenario`.
     """
+    baseline = baseline_label(scenario, baseline)  # an unknown name fails before anything runs
+    seeds = scenario_seeds(scenario)
     started = time.perf_counter()
     checkpoints = CheckpointStore(out_dir, scenario)
     if not resume:
         checkpoints.clear()
-    runs = run_scenario(scenario, progress, checkpoints, resume)
+    runs = run_scenario(scenario, progress, checkpoints, resume, jobs)
     header = {
-        "scenario": scenario.name, "scenario_file": str(scenario_path), "seed": scenario.seed,
+        # "seed": the run's only seed; with several, the first (older readers expect a number).
+        "scenario": scenario.name, "scenario_file": str(scenario_path), "seed": seeds[0], "seeds": seeds,
         "rounds": scenario.rounds, "backend": scenario.backend.kind, "devices": scenario.population.devices,
         "dataset": scenario.data.dataset, "versions": versions(),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "scenario_config": scenario.model_dump(mode="json"),
     }
-    written = write_results(out_dir, runs, header)
+    written = write_results(out_dir, runs, header, baseline=baseline)
     checkpoints.clear()  # the results are whole: nothing left to resume
     return runs, written

@@ -260,6 +260,22 @@ class SelfDistillSpec(_Strict):
     )
 
 
+class WarmStartSpec(_Strict):
+    """A server-side start on labelled public samples for weight-sharing strategies, so that
+    they read the same labels as strategies that need some (fedkd.labels)."""
+
+    labelled_samples: PositiveInt = Field(description="the first N of the run's labelled public order")
+    epochs: PositiveInt = 5
+
+
+class EvaluationSpec(_Strict):
+    """The one scoring protocol's panel (fedkd.scoring)."""
+
+    panel_devices: PositiveInt = Field(
+        64, description="devices in the evaluation panel (the whole population if smaller)"
+    )
+
+
 class TrainingSpec(_Strict):
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
@@ -268,6 +284,9 @@ class TrainingSpec(_Strict):
     model_tier: Literal["tiny", "small", "base"] = "small"
     self_distillation: SelfDistillSpec | None = Field(
         None, description="auxiliary self-distillation heads in local training; null = off"
+    )
+    warm_start: WarmStartSpec | None = Field(
+        None, description="weight-sharing strategies start from a model trained on labelled public samples"
     )
 
 
@@ -309,6 +328,9 @@ class Scenario(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
     seed: int = 0
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="run every strategy once per seed (replaces `seed`); `fedkd simulate --seeds` overrides it"
+    )
     rounds: PositiveInt
     data: DataSpec
     population: PopulationSpec
@@ -320,6 +342,7 @@ class Scenario(_Strict):
     strategies: Annotated[list[StrategySpec], Field(min_length=1)]
     backend: BackendSpec = BackendSpec()
     topology: TopologySpec | None = None
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -328,6 +351,18 @@ class Scenario(_Strict):
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        if not seeds:
+            raise ValueError("expected at least one seed, or leave `seeds` out")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"expected distinct seeds; {repeated} appear more than once")
+        return seeds
 
     @model_validator(mode="after")
     def _labels_unique(self) -> "Scenario":

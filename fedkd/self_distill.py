@@ -1,4 +1,5 @@
-"""Layered self-distillation with auxiliary classifiers: a local regularizer any strategy can switch on.
+"""Layered self-distillation with auxiliary heads re-initialised each task: a local regularizer any
+strategy can switch on, after LSSKD.
 
 Dahri et al., "A Layered Self-Supervised Knowledge Distillation Framework for
 Efficient Multimodal Learning on the Edge" (LSSKD), 2025,
@@ -21,9 +22,21 @@ With heads h_1..h_K (logits a_k, teacher logits t_k), labels y, final logits z:
 
 The heads hang on forward hooks, so the model's modules, its ``state_dict``
 and its predictions are untouched, and they are dropped when training ends.
-They are recreated (seeded) for every training call rather than kept in
-device state: FedAvg devices keep no state, and kept heads would be hidden
-storage outside the exchanged model. Their FLOPs are measured and counted.
+
+**The heads are re-initialised at random for every task.** Each training
+call (one device, one round) builds fresh heads (seeded from the task's
+seed), trains them together with the model for that task's local epochs
+only, and throws them away; nothing of them travels with the device or the
+model, so they never mature across rounds. In LSSKD the auxiliary
+classifiers are trained jointly with the network for the whole of training.
+Here, at the start of every task the heads are untrained: their
+cross-entropy still sends label gradients into the early encoder layers
+(deep supervision), but the soft targets they pass to the shallower heads
+are weak until they have learnt within the task, so with few local steps the
+regularizer is closer to deep supervision than to the paper's mature
+self-distillation. fedkd keeps them out of device state because FedAvg-style
+devices keep no state between rounds and kept heads would be storage outside
+the exchanged model. Their FLOPs are measured and counted.
 
 What fedkd leaves out of the paper: the self-supervised augmented label space
 (each head predicting class x input transformation) and any feature-alignment
@@ -96,6 +109,8 @@ class AuxiliaryHeads(nn.Module):
 
     Not a submodule of the model: they never enter its ``state_dict``. Attach
     them (``with heads.attached():``) for the forward passes they learn from.
+    Built fresh, at random from ``seed``, for each training task and discarded
+    after it (see the module's docstring).
     """
 
     def __init__(self, model: MultimodalNet, seed: int):

@@ -37,8 +37,10 @@ def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epo
     (mu / 2) * ||w - w_global||^2 (Li et al. 2020, arXiv:1812.06127).
 
     ``self_distillation`` (a ``SelfDistillSpec``; None = off) trains auxiliary
-    heads alongside and adds their loss (fedkd.self_distill); the heads are
-    dropped at the end and their FLOPs returned as ``extra_flops``."""
+    heads alongside and adds their loss (fedkd.self_distill). The heads are
+    created at random (from ``seed``) for this call, trained only during it and
+    dropped at the end: they are re-initialised every task and never carried
+    over. Their FLOPs are returned as ``extra_flops``."""
     inputs = to_tensors(data, modalities)
     labels = torch.from_numpy(data.labels.astype(np.int64))
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None

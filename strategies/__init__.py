@@ -8,6 +8,8 @@ value is ``module:Class``. Third-party packages add theirs through the
 BUILTIN: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedprox": "strategies.fedprox:FedProx",
+    "fedavg_modal": "strategies.fedavg_modal:FedAvgModal",
+    "fedprox_modal": "strategies.fedprox_modal:FedProxModal",
     "fedmd": "strategies.fedmd:FedMD",
     "dsfl": "strategies.dsfl:DSFL",
     "teacher_kd": "strategies.teacher_kd:TeacherKD",

@@ -7,6 +7,10 @@ IEEE Transactions on Mobile Computing 2021, https://arxiv.org/abs/2008.06180.
 Devices share soft labels on unlabeled open data; the server averages them
 and sharpens the average (entropy reduction aggregation, ERA, temperature
 T < 1) before sending it back as the distillation target.
+
+DS-FL reads no labels beyond the devices' own: its open data is unlabelled,
+so public pretraining is off by default (``public_pretrain_epochs: 0``) and
+``fedkd_labels_read`` reports nothing unless a scenario switches it on.
 """
 import numpy as np
 

@@ -14,79 +14,185 @@ its shard (client task ``train.architecture``). The server then
 2. builds the teacher as the paper does: the ensemble of all the round's
    returned device models across architectures, each fed the sensors it has;
    the unweighted mean of their logits (AVGLOGITS) on ``public_batch``
-   public samples drawn afresh each round (labels unused), softened at
+   unlabelled public samples drawn afresh each round, softened at
    ``temperature``;
-3. distills every architecture of the population towards the teacher for up
-   to ``distill_epochs`` epochs (Adam, ``distill_learning_rate``; fresh each
-   epoch), also an architecture none of whose devices took part this round;
-4. keeps, per architecture, the epoch that scores best on
-   ``validation_samples`` labelled public samples held out of the
-   distillation data (the undistilled average counts as epoch 0): the
-   paper's early stopping on validation data. Without it (0) an early,
-   biased teacher (non-IID devices, a sensor that has not learnt yet) pulls
-   every model to one class; fedkd's scenarios showed exactly that.
+3. distills every architecture of the population towards the teacher, also
+   an architecture none of whose devices took part this round, as the paper
+   does: Adam (``distill_learning_rate``, one optimizer for the whole
+   distillation), mini-batches of ``distill_batch_size`` drawn from the
+   round's public samples (reshuffled after each pass), for up to
+   ``distill_steps`` steps;
+4. stops early on ``validation_samples`` labelled public samples: the model
+   is scored before the first step and every ``eval_every`` steps (and after
+   the last); distillation stops once more than ``patience`` steps have passed
+   since the best check, and the best check's weights are kept (the fused
+   model before distilling is a check too, so a round whose distillation only
+   hurts keeps the FedAvg result). A check is better when its validation
+   accuracy is higher or, at equal accuracy, its validation cross-entropy is
+   lower: accuracy alone ties for a fresh model predicting one class and every
+   early, still-hesitant improvement, and would stop there. Without
+   validation samples (0) every step runs and the last weights stay; an
+   early, biased teacher (non-IID devices, a sensor that has not learnt yet)
+   then pulls every model to one class, which fedkd's scenarios showed.
 
-Distillation is the server's compute, not simulated device time. Scores
-(``fedkd_evaluate``) are per architecture on the test split; the headline
-weights architectures by how many devices of the population run each. No
-federated evaluation is sent.
+The labelled samples are the run's first ``validation_samples`` of
+:mod:`fedkd.labels` (the same ones every strategy with that label budget
+reads), held out of the distillation pool; ``fedkd_labels_read`` reports them.
+
+**Defaults and why.** The paper distills with Adam at 1e-3 on batches of 128
+for up to 10^4 steps with early stopping on validation data; fedkd keeps the
+optimizer, learning rate and batch size and scales the budget for a CPU and
+for public sets of hundreds to a few thousand samples: ``distill_steps=500``
+(125 passes over the default 512-sample round batch, many more than the
+distillation converges in on fedkd's datasets, so the budget rarely binds
+before the patience does), ``eval_every=20`` (25 checks at most; one check is
+a forward pass over the 200 validation samples, about a step's cost), and
+``patience=100`` steps (5 checks: with 200 validation samples one check's
+accuracy moves in steps of 0.5 %, so a single check without progress is
+noise, five are a plateau). ``distill_epochs`` (None) is the older way to
+give the budget, in passes over the round's public samples; when given it
+replaces ``distill_steps``. Either at 0 switches distillation off (FedAvg per
+architecture).
+
+Distillation is the server's compute, not simulated device time. Scores are
+per architecture on the test split (the evaluation panel runs its
+architecture's model). No federated evaluation is sent.
 """
 import copy
+import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO
+from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, validate_message_reply_consistency
 from flwr.supercore import log
 
-from fedkd.distill import distill_on, mean_logits, softmax
+from fedkd.data.base import Split
+from fedkd.distill import kd_loss, mean_logits, softmax
+from fedkd.labels import labelled_public, unlabelled_public
 from fedkd.runtime.architectures import (ArchitectureModels, TRAIN_OWN_ARCHITECTURE, Architecture, new_model,
                                          population_architectures, single_threaded)
 from fedkd.seeding import derive_seed, rng_for
-from fedkd.training import accuracy, predict_logits
+from fedkd.training import predict_logits, to_tensors
 
 SHARES_WEIGHTS = False  # weights are averaged only within an architecture: any mix of tiers and sensors
 
 
+@dataclass(frozen=True)
+class PatienceRun:
+    """How one early-stopped training went."""
+
+    steps: int  # steps taken
+    best_step: int  # the check whose weights were kept (0: the model as it came)
+    checks: tuple[tuple[int, Any], ...]  # (step, score) of every check, the first at step 0
+    mean_loss: float  # over the steps taken; nan if none
+
+
+def train_with_patience(model: torch.nn.Module, step: Callable[[], float], score: Callable[[], Any] | None, *,
+                        steps: int, eval_every: int, patience: int) -> PatienceRun:
+    """Up to ``steps`` calls of ``step()`` (one optimisation step of ``model``, returning its loss).
+
+    With ``score`` (higher is better; any comparable value, e.g. a tuple), the
+    model is scored before the first step, after every ``eval_every`` steps
+    and after the last; a check counts as better only if its score is strictly
+    higher than the best so far. Training stops at the first check more than
+    ``patience`` steps after the best one, and ``model`` ends with the best
+    check's weights. Without ``score`` every step runs and the last weights stay.
+
+    E.g. ``eval_every=20``, ``patience=40`` and scores 0.5, 0.6, 0.55, 0.55,
+    0.55 at steps 0, 20, 40, 60, 80: at step 80 the best (step 20) is 60 > 40
+    steps old, so training stops after 80 steps with the weights of step 20.
+    """
+    losses: list[float] = []
+    if score is None:
+        losses = [step() for _ in range(steps)]
+        return PatienceRun(steps, steps, (), float(np.mean(losses)) if losses else math.nan)
+    best = score()
+    checks = [(0, best)]
+    best_step, best_state = 0, copy.deepcopy(model.state_dict())
+    while len(losses) < steps:
+        losses.append(step())
+        taken = len(losses)
+        if taken % eval_every and taken < steps:
+            continue
+        now = score()
+        checks.append((taken, now))
+        if now > best:
+            best, best_step, best_state = now, taken, copy.deepcopy(model.state_dict())
+        elif taken - best_step > patience:
+            break
+    model.load_state_dict(best_state)
+    return PatienceRun(len(losses), best_step, tuple(checks), float(np.mean(losses)) if losses else math.nan)
+
+
 class FedDF(ArchitectureModels, FedAvg):
-    def __init__(self, public_batch: int = 512, distill_epochs: int = 3, temperature: float = 1.0,
-                 distill_learning_rate: float = 1e-3, validation_samples: int = 200, **kwargs):
+    def __init__(self, public_batch: int = 512, distill_steps: int = 500, patience: int = 100,
+                 eval_every: int = 20, distill_batch_size: int = 128, temperature: float = 1.0,
+                 distill_learning_rate: float = 1e-3, validation_samples: int = 200,
+                 distill_epochs: int | None = None, **kwargs):
         if public_batch < 1:
             raise ValueError(f"public_batch must be positive, got {public_batch}")
-        if distill_epochs < 0:
+        if distill_steps < 0:
+            raise ValueError(f"distill_steps must be 0 or more, got {distill_steps}")
+        if distill_epochs is not None and distill_epochs < 0:
             raise ValueError(f"distill_epochs must be 0 or more, got {distill_epochs}")
+        if patience < 0:
+            raise ValueError(f"patience must be 0 or more steps, got {patience}")
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be positive, got {eval_every}")
+        if distill_batch_size < 1:
+            raise ValueError(f"distill_batch_size must be positive, got {distill_batch_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if validation_samples < 0:
             raise ValueError(f"validation_samples must be 0 or more, got {validation_samples}")
         super().__init__(**kwargs)
-        self.public_batch, self.distill_epochs = public_batch, distill_epochs
+        self.public_batch, self.distill_steps, self.distill_epochs = public_batch, distill_steps, distill_epochs
+        self.patience, self.eval_every, self.distill_batch_size = patience, eval_every, distill_batch_size
         self.temperature, self.distill_learning_rate = temperature, distill_learning_rate
         self.validation_samples = validation_samples
         self.ctx = None
         self.models = {}  # Architecture -> the global model (torch) of that architecture
         self.devices = {}  # Architecture -> devices of the population that run it
         self._sent = {}  # node id -> the Architecture it was sent this round
+        self._validation = np.zeros(0, dtype=np.int64)  # labelled public samples (fedkd.labels)
+        self._unlabeled = np.zeros(0, dtype=np.int64)  # the rest of the public split: distillation data
+
+    @property
+    def distills(self) -> bool:
+        return (self.distill_steps if self.distill_epochs is None else self.distill_epochs) > 0
 
     def fedkd_attach_server(self, ctx) -> None:
         """Called by fedkd before round 1: the server's data, and one fresh model per architecture."""
         self.ctx = ctx
         self.devices = population_architectures(ctx)
         self.models = {arch: new_model(ctx, arch) for arch in self.devices}
-        # A fixed labelled validation set held out of the public split; the rest is unlabeled distillation data.
+        # The run's first labelled public samples validate; the rest is unlabelled distillation data
+        # (at least one sample stays unlabelled).
         size = len(ctx.dataset.split("public"))
-        order = rng_for(ctx.scenario.seed, "feddf-validation").permutation(size)
-        held = min(self.validation_samples, size - 1)
-        self._validation, self._unlabeled = np.sort(order[:held]), np.sort(order[held:])
+        held = max(0, min(self.validation_samples, size - 1))
+        self._validation = labelled_public(ctx.scenario.seed, size, held)
+        self._unlabeled = unlabelled_public(ctx.scenario.seed, size, held)
+
+    def fedkd_labels_read(self) -> dict[str, np.ndarray]:
+        """{purpose: the public samples whose labels FedDF reads}: its validation set, if any."""
+        return {"validation": self._validation.copy()} if len(self._validation) else {}
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> FedDF: %d architectures, public batch %d, %d distillation epochs, T=%.2f",
-            len(self.models), self.public_batch, self.distill_epochs, self.temperature)
+        budget = (f"{self.distill_steps} steps" if self.distill_epochs is None
+                  else f"{self.distill_epochs} passes")
+        log(INFO, "\t└──> FedDF: %d architectures, public batch %d, distillation up to %s (batch %d, "
+            "patience %d steps on %d validation samples), T=%.2f", len(self.models), self.public_batch, budget,
+            self.distill_batch_size, self.patience, len(self._validation), self.temperature)
 
     # -- Flower's Strategy API ----------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -120,9 +226,11 @@ class FedDF(ArchitectureModels, FedAvg):
             self.models[arch].load_state_dict(
                 aggregate_arrayrecords(contents, self.weighted_by_key).to_torch_state_dict())
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
-        if self.distill_epochs > 0:
+        if self.distills:
             with single_threaded():
-                metrics["distill-loss"] = self.distill(server_round, valid)
+                runs = self.distill(server_round, valid)
+            metrics["distill-loss"] = float(np.nanmean([r.mean_loss for r in runs.values()]))
+            metrics["distill-steps"] = float(np.mean([r.steps for r in runs.values()]))
         # Several global models, none of them "the" model: the arrays Flower carries stay unused.
         return None, metrics
 
@@ -145,30 +253,48 @@ class FedDF(ArchitectureModels, FedAvg):
             logits.append(predict_logits(model, batch, arch.modalities).numpy())
         return indices, softmax(mean_logits(np.stack(logits), np.ones(len(logits))), self.temperature)
 
-    def distill(self, server_round: int, replies: list[Message]) -> float:
-        """Distill every architecture's model towards the ensemble; the mean final loss over architectures.
-
-        With a validation set, each architecture keeps the epoch (the fused
-        model before distilling counts as epoch 0) that scores best on it.
-        """
+    def distill(self, server_round: int, replies: list[Message]) -> dict[Architecture, PatienceRun]:
+        """Distill every architecture's model towards the ensemble, each early-stopped on the
+        validation samples (see the module's docstring); how each went, by architecture."""
         indices, targets = self.teacher(server_round, replies)
         public = self.ctx.dataset.split("public")
-        batch, validation = public.subset(indices), public.subset(self._validation)
-        losses = []
-        for arch, model in sorted(self.models.items()):
-            best_score = accuracy(model, validation, arch.modalities) if len(validation) else None
-            best_state = copy.deepcopy(model.state_dict())
-            for epoch in range(self.distill_epochs):
-                loss = distill_on(model, batch, arch.modalities, targets, epochs=1,
-                                  batch_size=self.ctx.scenario.training.batch_size,
-                                  learning_rate=self.distill_learning_rate, temperature=self.temperature,
-                                  seed=derive_seed(self.ctx.scenario.seed, "feddf-distill", server_round,
-                                                   arch.key, epoch))
-                if best_score is not None:
-                    score = accuracy(model, validation, arch.modalities)
-                    if score > best_score:
-                        best_score, best_state = score, copy.deepcopy(model.state_dict())
-            if best_score is not None:
-                model.load_state_dict(best_state)
-            losses.append(loss)
-        return float(np.mean(losses))
+        pool, validation = public.subset(indices), public.subset(self._validation)
+        return {arch: self._distill_one(model, arch, pool, targets, validation, server_round)
+                for arch, model in sorted(self.models.items())}
+
+    def _distill_one(self, model: torch.nn.Module, arch: Architecture, pool: Split, targets: np.ndarray,
+                     validation: Split, server_round: int) -> PatienceRun:
+        inputs = to_tensors(pool, arch.modalities)
+        soft = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        batch = min(self.distill_batch_size, len(soft))
+        steps = (self.distill_steps if self.distill_epochs is None
+                 else self.distill_epochs * math.ceil(len(soft) / batch))
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.distill_learning_rate)
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.ctx.scenario.seed, "feddf-distill", server_round, arch.key))
+        order, at = torch.randperm(len(soft), generator=generator), 0
+
+        def step() -> float:
+            nonlocal order, at
+            if at + batch > len(order):  # a new pass over the round's samples
+                order, at = torch.randperm(len(soft), generator=generator), 0
+            idx = order[at:at + batch]
+            at += batch
+            model.train()
+            loss = kd_loss(model({m: x[idx] for m, x in inputs.items()}), soft[idx], self.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+        score = None
+        if len(validation):
+            labels = torch.from_numpy(validation.labels.astype(np.int64))
+
+            def score() -> tuple[float, float]:
+                logits = predict_logits(model, validation, arch.modalities)
+                correct = float((logits.argmax(1) == labels).double().mean())
+                return correct, -float(F.cross_entropy(logits, labels))
+
+        return train_with_patience(model, step, score, steps=steps, eval_every=self.eval_every,
+                                   patience=self.patience)

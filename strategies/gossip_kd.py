@@ -50,7 +50,7 @@ from flwr.supercore import log
 from fedkd.codecs import get_codec
 from fedkd.device_models import model_key, unpack
 from fedkd.runtime.gossip_client import FROM, GOSSIP, MESSAGE_TYPE, REPLY, strip_heads
-from fedkd.runtime.server import evaluate_devices
+from fedkd.scoring import PanelDevice, PanelModel, own_model
 from fedkd.seeding import derive_seed, rng_for
 from fedkd.sim.grid import D2D_ROUTE
 from fedkd.topology import KINDS, Graph, edges, round_graph
@@ -148,17 +148,21 @@ class GossipKD(Strategy):
         return None
 
     # -- fedkd's scoring hook ---------------------------------------------------------
-    def fedkd_evaluate(self, ctx, device_state: dict) -> tuple[float, dict[str, float]]:
-        """The devices' own models on the test split, their disagreement across edges, D2D traffic."""
+    def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel:
+        """A device runs its own model, without the neighbours' heads it trains beside it."""
+        return own_model(ctx, device, device_state, strip=strip_heads)
+
+    def fedkd_round_metrics(self, ctx, device_state: dict) -> dict[str, float]:
+        """The devices' disagreement across edges, and D2D traffic."""
         models = {d: strip_heads(s) for d, s in device_state.items()}
-        accuracy, metrics = evaluate_devices(ctx, models)
+        metrics: dict[str, float] = {}
         pairs = edges(self.graph)
         if pairs:
             metrics["disagreement"] = self._disagreement(ctx, models, pairs)
             metrics["graph_edges"] = float(len(pairs))
         if self._grid is not None and hasattr(self._grid, "d2d_traffic"):
             metrics.update(self._grid.d2d_traffic(self._round))
-        return accuracy, metrics
+        return metrics
 
     def _disagreement(self, ctx, models: dict[int, ArrayRecord], pairs: list[tuple[int, int]]) -> float:
         if len(pairs) > DISAGREEMENT_EDGES:

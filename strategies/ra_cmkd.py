@@ -45,6 +45,8 @@ from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
 from fedkd.runtime.architectures import Architecture, population_architectures
 from fedkd.runtime.records import FOG_MODEL, payload_bytes
 from fedkd.runtime.server import node_profile
+from fedkd.labels import labelled_order, labelled_public, unlabelled_public
+from fedkd.scoring import PanelDevice, PanelModel, own_model
 from fedkd.seeding import rng_for
 
 SHARES_WEIGHTS = False
@@ -82,8 +84,13 @@ class RACMKD(LogitExchange):
         get_codec(backhaul_codec)
         self.allocator = resolve_allocator(allocator).cls(**(allocator_params or {}))
         self.peer_weight, self.cloud_share, self.backhaul_codec = peer_weight, cloud_share, backhaul_codec
+        # The latest targets of each fog and of the cloud, with the public samples they refer
+        # to: a fog that heard nobody this round keeps older targets about other samples.
         self.fog_targets: dict[int, dict[str, np.ndarray]] = {}
+        self.fog_target_indices: dict[int, np.ndarray] = {}
         self.cloud_targets: dict[str, np.ndarray] = {}
+        self._checked: set[int] = set()  # public samples whose labels checked teachers
+        self._validation = np.zeros(0, np.int64)
         # Each fog's (and the cloud's) knowledge bank: its latest targets for every public
         # sample it has seen (NaN rows: not yet). A device digests up to bank_samples of them,
         # not only the last round's, so knowledge gathered while it was away reaches it.
@@ -103,14 +110,19 @@ class RACMKD(LogitExchange):
         self._public_labels = ctx.dataset.split("public").labels
         self._ctx = ctx
         if self.use_fog_models:
-            # A labelled validation set held out of what devices are asked about (as FedDF's).
+            # A labelled validation set held out of what devices are asked about (as FedDF's): the
+            # run's first labelled public samples, the same ones every strategy with this budget reads.
             size = len(ctx.dataset.split("public"))
-            order = rng_for(ctx.scenario.seed, "ra_cmkd-validation").permutation(size)
             held = min(self.validation_samples, size - 1)
-            validation, self.public_pool = np.sort(order[:held]), np.sort(order[held:])
-            # Labelled pretraining, when asked, happens once per fog model instead of on every device.
+            validation = labelled_public(ctx.scenario.seed, size, held)
+            self.public_pool = unlabelled_public(ctx.scenario.seed, size, held)
+            # Labelled pretraining, when asked, happens once per fog model instead of on every device,
+            # on the labelled samples that come next in the run's order.
             self.fog_models = FogModels(ctx, validation=validation, pretrain_epochs=self.public_pretrain_epochs,
-                                        pretrain_samples=self.public_pretrain_samples, **self.fog_settings)
+                                        pretrain_samples=self.public_pretrain_samples,
+                                        pretrain_pool=labelled_order(ctx.scenario.seed, size)[held:],
+                                        **self.fog_settings)
+            self._validation = validation
             self.devices = population_architectures(ctx)
         if not isinstance(self.allocator, ResourceAware):
             return
@@ -145,21 +157,35 @@ class RACMKD(LogitExchange):
 
     def fedkd_state(self) -> dict:
         return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
+                "fog_target_indices": self.fog_target_indices, "checked": sorted(self._checked),
                 "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out,
                 "fog_models": self.fog_models.state() if self.fog_models is not None else {}}
 
     def fedkd_restore(self, state: dict) -> None:
         super().fedkd_restore(state)
         self.fog_targets, self.cloud_targets = state["fog_targets"], state["cloud_targets"]
+        self.fog_target_indices, self._checked = state["fog_target_indices"], set(state["checked"])
         self.fog_bank, self.cloud_bank = state["fog_bank"], state["cloud_bank"]
         self.sat_out = state["sat_out"]
         if self.fog_models is not None:
             self.fog_models.restore(state["fog_models"])
 
-    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]] | None:
-        """With fog models: what devices serve, their fogs' models. Without: None (fedkd
-        then scores the devices' own models)."""
-        return None if self.fog_models is None else self.fog_models.score(self.devices)
+    def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel:
+        """With fog models a device runs its fog's model of its architecture; without, its own."""
+        if self.fog_models is None:
+            return own_model(ctx, device, device_state)
+        fog, arch = device.fog or 0, Architecture(device.model_tier, device.modalities)
+        return PanelModel(("fog", fog, arch), lambda: self.fog_models.model(fog, arch))
+
+    def fedkd_labels_read(self) -> dict[str, np.ndarray]:
+        """Labelled public samples read: the fogs' validation set, the public samples whose
+        labels checked the teachers, and pretraining's."""
+        read = {"teacher_check": np.array(sorted(self._checked), dtype=np.int64)} if self._checked else {}
+        if self.fog_models is not None:
+            read["validation"] = self._validation
+            if self.public_pretrain_epochs > 0:
+                read["pretrain"] = self.fog_models.pretrain_indices()
+        return read
 
     def _measure_downlink(self, batch: int, digest: int, classes: int) -> int:
         config = ConfigRecord({"server-round": 1, "public-indices": list(range(batch)), "codec": "int8",
@@ -218,10 +244,11 @@ class RACMKD(LogitExchange):
     def _targets_for(self, fog: int, modality: str | None, server_round: int
                      ) -> tuple[np.ndarray, np.ndarray] | None:
         """(public indices, targets) a device of ``modality`` in ``fog`` digests."""
-        if self.bank_samples == 0:  # only the last round's targets, as in FedMD
-            for source in (self.fog_targets.get(fog, {}), self.cloud_targets):
+        if self.bank_samples == 0:  # only the latest targets, as in FedMD
+            for indices, source in ((self.fog_target_indices.get(fog), self.fog_targets.get(fog, {})),
+                                    (self.target_indices, self.cloud_targets)):
                 if modality in source:
-                    return self.target_indices, source[modality]
+                    return indices, source[modality]
             if self.cloud_targets:
                 return self.target_indices, np.mean(list(self.cloud_targets.values()), axis=0)
             return None
@@ -255,18 +282,22 @@ class RACMKD(LogitExchange):
             modality = "+".join(self._archs[device].modalities)
             by_fog.setdefault(self._fog(device), []).append((logits, modality, weight))
         fog_views, fog_weights = {}, {}
-        labels = None if self._public_labels is None else self._public_labels[self._asked_indices]
+        labels = None
+        if self._public_labels is not None and self.check_teachers:
+            labels = self._public_labels[self._asked_indices]
+            self._checked.update(int(i) for i in self._asked_indices)
         for fog, items in sorted(by_fog.items()):
             logits, modalities = np.stack([i[0] for i in items]), [i[1] for i in items]
-            trust = reliability(logits, modalities, labels) if labels is not None and self.check_teachers else None
+            trust = reliability(logits, modalities, labels) if labels is not None else None
             fog_views[fog] = cross_modal_targets(logits, modalities, np.array([i[2] for i in items]),
                                                  self.peer_weight, self.temperature, trust)
             fog_weights[fog] = sum(i[2] for i in items)
         self.cloud_targets = merge_fog_targets(list(fog_views.values()), list(fog_weights.values()))
         for fog, view in fog_views.items():
             self.fog_targets[fog] = blend(view, self.cloud_targets, self.cloud_share)
+            self.fog_target_indices[fog] = self._asked_indices
         self.target_indices = self._asked_indices
-        self._file_in_banks()
+        self._file_in_banks(sorted(fog_views))
         fog_flops, model_bytes, distill_losses = {}, {}, []
         if self.fog_models is not None:
             for fog in sorted(fog_views):
@@ -284,10 +315,12 @@ class RACMKD(LogitExchange):
             metrics["fog-distill-loss"] = float(np.mean(distill_losses))
         return None, metrics
 
-    def _file_in_banks(self) -> None:
+    def _file_in_banks(self, fogs: list[int]) -> None:
+        """File this round's targets of the fogs that heard devices this round (and the cloud's)
+        at the public samples they are about."""
         shape = (self.public.size, self.public.num_classes)
-        for fog, targets in self.fog_targets.items():
-            for modality, t in targets.items():
+        for fog in fogs:
+            for modality, t in self.fog_targets[fog].items():
                 self.fog_bank.setdefault(fog, {}).setdefault(modality, np.full(shape, np.nan))[self._asked_indices] = t
         for modality, t in self.cloud_targets.items():
             self.cloud_bank.setdefault(modality, np.full(shape, np.nan))[self._asked_indices] = t

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -105,6 +106,7 @@ class TeacherKD(NoClientEvaluation, Strategy):
         self.teacher_modalities: tuple[str, ...] = ()
         self._slices: dict[tuple[str, ...], ArrayRecord] = {}
         self._teacher_scores: dict[str, float] | None = None
+        self._public_size = 0  # the labelled public split the teacher learns (set before round 1)
 
     # -- fedkd hooks ------------------------------------------------------------
     def fedkd_attach_server(self, ctx) -> None:
@@ -116,23 +118,26 @@ class TeacherKD(NoClientEvaluation, Strategy):
         self.teacher_modalities = tuple(m for m in names if m in (self.requested_modalities or names))
         self.set_teacher(pretrain_teacher(ctx, self.teacher_tier, self.teacher_modalities, self.teacher_epochs),
                          self.teacher_modalities)
+        self._public_size = len(ctx.dataset.split("public"))
+
+    def fedkd_labels_read(self) -> dict[str, np.ndarray]:
+        """The teacher learns the whole labelled public split."""
+        return {"teacher": np.arange(self._public_size)}
 
     def set_teacher(self, teacher, modalities: tuple[str, ...]) -> None:
         """Use ``teacher`` (a MultimodalNet over ``modalities``) as it is."""
         self.teacher, self.teacher_modalities = teacher, tuple(modalities)
         self._slices, self._teacher_scores = {}, None
 
-    def fedkd_evaluate(self, ctx, device_state: dict) -> tuple[float, dict[str, float]]:
-        from fedkd.runtime.server import evaluate_devices  # the server module imports the registry
-
-        score, metrics = evaluate_devices(ctx, device_state)
+    def fedkd_round_metrics(self, ctx, device_state: dict) -> dict[str, float]:
+        """The teacher's own scores beside the devices' (fedkd.scoring scores the students)."""
         if self._teacher_scores is None:  # the teacher never changes: score it once
             test, mods = ctx.test_split, self.teacher_modalities
             self._teacher_scores = {"accuracy_teacher": accuracy(self.teacher, test, mods)}
             if len(mods) > 1:
                 self._teacher_scores |= {f"accuracy_teacher_{m}": accuracy(self.teacher, test, (m,))
                                          for m in mods}
-        return score, {**metrics, **self._teacher_scores}
+        return dict(self._teacher_scores)
 
     # -- Flower's Strategy API --------------------------------------------------
     def summary(self) -> None:

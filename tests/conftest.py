@@ -9,6 +9,9 @@ import pytest
 import yaml
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Runs one after another in the test process unless a test asks for --jobs: fast to start, and
+# a failure shows its own traceback.
+os.environ["FEDKD_JOBS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 

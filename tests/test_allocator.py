@@ -70,3 +70,20 @@ class Careless(Allocator):
 def test_plans_for_refuses_an_answer_that_does_not_fit_the_candidates(answer, message):
     with pytest.raises(FedkdError, match=message):
         plans_for(Careless(answer), 4, [0, 1], TELEMETRY)
+
+
+def test_telemetry_without_the_report_fields_an_allocator_needs_is_refused_in_one_line():
+    with pytest.raises(FedkdError, match=r"telemetry SimpleNamespace is not usable by an allocator: .*compute_flops"):
+        plans_for(AllIn(), 1, [0], SimpleNamespace(battery_j=np.ones(1), uplink_bps=np.ones(1)))
+
+
+def test_no_telemetry_stays_none():
+    seen = []
+
+    class Record(Allocator):
+        def allocate(self, server_round, device_ids, telemetry):
+            seen.append(telemetry)
+            return {d: DevicePlan() for d in device_ids}
+
+    plans_for(Record(), 1, [0], None)
+    assert seen == [None]

@@ -40,7 +40,8 @@ def test_two_runs_give_one_table_and_one_figure_per_axis(two_runs, tmp_path, cap
     table = pd.read_csv(out / "comparison.csv")
     a, b = pd.read_csv(tiny / "rounds.csv"), pd.read_csv(other / "rounds.csv")
     assert len(table) == len(a) + len(b)
-    assert list(table.columns[:5]) == ["label", "scenario", "source", "strategy", "round"]
+    assert list(table.columns[:6]) == ["label", "scenario", "source", "strategy", "seed", "round"]
+    assert set(table["seed"]) == {3, 4}  # tiny is seed 3, tiny_other seed 4
     assert table["label"].unique().tolist() == ["tiny/fedavg", "tiny_other/fedavg", "tiny_other/fedprox"]
     mine = table[table["label"] == "tiny_other/fedprox"]
     theirs = b[b["strategy"] == "fedprox"]
@@ -63,15 +64,22 @@ def test_the_table_is_the_same_bytes_every_time(two_runs, tmp_path):
 
 # -- labels, on hand-made run folders ---------------------------------------------------
 
-def make_run(folder, scenario: str | None, strategies: list[str], extra: dict | None = None):
-    """A run folder with two rounds per strategy; summary.json only if ``scenario`` is given."""
-    rows = [{"strategy": s, "round": r, "sim_time_s": 10.0 * r, "accuracy": 0.1 + 0.2 * r,
+def make_run(folder, scenario: str | None, strategies: list[str], extra: dict | None = None,
+             seeds: list[int] | None = None, summary_seed: int | None = None):
+    """A run folder with two rounds per strategy; summary.json only if ``scenario`` is given.
+
+    Without ``seeds`` rounds.csv has no seed column (as written before it existed); with
+    them, a seed's accuracy and clock are those of seed 0 plus 0.2 and 10 s per seed.
+    """
+    rows = [{"strategy": s, **({"seed": seed} if seeds is not None else {}), "round": r,
+             "sim_time_s": 10.0 * r + 10.0 * seed * r, "accuracy": 0.1 + 0.2 * r + 0.2 * seed * r,
              "cum_bytes": 1000 * r, "cum_energy_j": 1.5 * r, **(extra or {})}
-            for s in strategies for r in (0, 1)]
+            for s in strategies for seed in (seeds if seeds is not None else [0]) for r in (0, 1)]
     folder.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(folder / "rounds.csv", index=False)
     if scenario:
-        (folder / "summary.json").write_text(json.dumps({"scenario": scenario}))
+        summary = {"scenario": scenario, **({"seed": summary_seed} if summary_seed is not None else {})}
+        (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
 
@@ -138,6 +146,44 @@ def test_columns_only_some_runs_have_are_empty_for_the_others(tmp_path):
 
     assert table["accuracy_camera"].fillna(-1).tolist() == [0.5, 0.5, -1, -1]
     assert table["accuracy_audio"].fillna(-1).tolist() == [-1, -1, 0.25, 0.25]
+
+
+# -- several seeds ------------------------------------------------------------------------
+
+def test_runs_with_several_seeds_keep_a_row_per_seed_and_plot_means_with_bands(tmp_path, capsys, monkeypatch):
+    # Prepare: a two-seed run, and an older one-seed folder without a seed column.
+    import matplotlib.axes
+
+    bands = []
+    real_fill = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, lo, hi, **kw: bands.append(list(x)) or real_fill(self, x, lo, hi, **kw))
+    many = make_run(tmp_path / "many", "park", ["fedavg"], seeds=[0, 1])
+    old = make_run(tmp_path / "old", "digits", ["fedavg"], summary_seed=7)
+    capsys.readouterr()
+    # Execute
+    table = compare(many, old, out=tmp_path / "o")
+    # Assert: one row per (run, strategy, seed, round); the old folder is its summary's one seed.
+    assert list(zip(table["label"], table["seed"], table["round"])) == [
+        ("park/fedavg", 0, 0), ("park/fedavg", 0, 1), ("park/fedavg", 1, 0), ("park/fedavg", 1, 1),
+        ("digits/fedavg", 7, 0), ("digits/fedavg", 7, 1)]
+    # One band per plot, for the two-seed curve: at round 1 x is the mean clock (10 + 20) / 2.
+    assert bands == [[0.0, 15.0], [0.0, 1000.0], [0.0, 1.5]]
+    printed = capsys.readouterr().out.splitlines()
+    # Final accuracies 0.3 and 0.5: mean 0.4, half-width 12.706205 * 0.141421 / sqrt(2) = 1.271.
+    assert printed[0].strip() == ("park/fedavg: accuracy 0.400 ± 1.271 after 1 rounds, 15 s simulated, 1,000 bytes, "
+                                  "1.5 J (means over 2 seeds; accuracy ± 95 % CI)")
+    assert printed[1].strip().startswith("digits/fedavg: accuracy 0.300 after 1 rounds")
+
+
+def test_an_old_folder_without_summary_has_an_empty_seed(tmp_path):
+    a = make_run(tmp_path / "a", None, ["fedavg"])
+    b = make_run(tmp_path / "b", "park", ["fedprox"], seeds=[2])
+
+    table = compare(a, b, out=tmp_path / "o")
+
+    assert table["seed"].isna().tolist() == [True, True, False, False]
+    assert (tmp_path / "o" / "comparison.csv").read_text().splitlines()[1].split(",")[4] == ""
 
 
 # -- errors: one line, exit 2, nothing written -----------------------------------------

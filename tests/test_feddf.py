@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.cli import main
+from fedkd.labels import labelled_public, unlabelled_public
 from fedkd.runtime.architectures import Architecture
 from fedkd.runtime.context import SimulationContext
 from fedkd.runtime.inprocess import InProcessGrid
@@ -21,7 +23,7 @@ from fedkd.sim.grid import NodeProfile, SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld
-from strategies.feddf import FedDF
+from strategies.feddf import FedDF, train_with_patience
 
 from .conftest import TINY
 from .test_grid import close
@@ -145,7 +147,7 @@ def test_validation_keeps_the_fused_model_when_distilling_would_hurt():
     common, rare = int(counts.argmax()), int(counts.argmin())
     assert counts[rare] < counts[common]
     bias = {d: np.eye(10)[common].tolist() for d in range(3)} | {3: (20 * np.eye(10)[rare]).tolist()}
-    settings = dict(public_batch=32, distill_epochs=1, distill_learning_rate=1.0, fraction_train=1.0,
+    settings = dict(public_batch=32, distill_steps=1, distill_learning_rate=1.0, fraction_train=1.0,
                     fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
     # Execute
     kept, followed = FedDF(validation_samples=50, **settings), FedDF(validation_samples=0, **settings)
@@ -157,10 +159,133 @@ def test_validation_keeps_the_fused_model_when_distilling_would_hurt():
     assert np.allclose(kept.models[TINY_AUDIO].state_dict()["head.bias"].numpy(), np.eye(10)[common])
 
 
+def test_patience_by_hand():
+    # Prepare: a one-weight model; each step sets its weight to the number of steps taken, so the
+    # weights kept name the check they came from. Scores per check (the first before any step):
+    # 0.5, 0.6, 0.55, 0.55, 0.55, then 0.9 (never reached). A check every 20 steps, patience 2 checks.
+    model = torch.nn.Linear(1, 1, bias=False)
+    taken = [0]
+
+    def step() -> float:
+        taken[0] += 1
+        with torch.no_grad():
+            model.weight.fill_(taken[0])
+        return float(taken[0])
+
+    scores = iter([0.5, 0.6, 0.55, 0.55, 0.55, 0.9])
+    # Execute
+    run = train_with_patience(model, step, lambda: next(scores), steps=500, eval_every=20, patience=40)
+    # Assert: the best check is the 2nd (step 20); at the 5th (step 80) it is 60 > 40 steps old: stop.
+    # At the 4th (step 60) it was 40 steps old, not more than the patience: go on.
+    assert [at for at, _ in run.checks] == [0, 20, 40, 60, 80]
+    assert (run.steps, run.best_step, taken[0]) == (80, 20, 80)
+    assert model.weight.item() == 20.0  # the 2nd check's weights
+    assert run.mean_loss == pytest.approx(40.5)  # losses 1, 2, ..., 80
+
+
+def test_patience_keeps_the_starting_weights_when_nothing_beats_them_and_stops_at_the_budget():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(-1.0)
+    taken = [0]
+
+    def step() -> float:
+        taken[0] += 1
+        with torch.no_grad():
+            model.weight.fill_(taken[0])
+        return 0.0
+
+    # Never better than the start: stop at the first check more than 30 steps on (step 40).
+    run = train_with_patience(model, step, lambda: 0.0, steps=500, eval_every=20, patience=30)
+    assert (run.steps, run.best_step, model.weight.item()) == (40, 0, -1.0)
+    # Always better (tuples compare as FedDF's (accuracy, -loss)): the budget ends it, with a check
+    # after the last step although 50 is no multiple of 20; the last weights are kept.
+    taken[0] = 0
+    scores = iter([(0.5, -float(k)) for k in range(10, 0, -1)])
+    run = train_with_patience(model, step, lambda: next(scores), steps=50, eval_every=20, patience=0)
+    assert [at for at, _ in run.checks] == [0, 20, 40, 50]
+    assert (run.steps, run.best_step, model.weight.item()) == (50, 50, 50.0)
+    # Without a score every step runs and the last weights stay.
+    taken[0] = 0
+    run = train_with_patience(model, step, None, steps=7, eval_every=20, patience=0)
+    assert (run.steps, run.checks, model.weight.item()) == (7, (), 7.0)
+
+
+def test_a_teacher_that_only_hurts_is_given_up_after_the_patience():
+    # The phones favour the validation set's most common class, the camera its rarest, loudly: the
+    # teacher says `rare` and every check after the start scores below the fused model.
+    probe = FedDF(validation_samples=50)
+    probe.fedkd_attach_server(SimulationContext(parse_scenario(mixed_tiny())))
+    counts = np.bincount(probe.ctx.dataset.split("public").labels[probe._validation], minlength=10)
+    common, rare = int(counts.argmax()), int(counts.argmin())
+    bias = {d: np.eye(10)[common].tolist() for d in range(3)} | {3: (20 * np.eye(10)[rare]).tolist()}
+    runs = {}
+
+    class Spy(FedDF):
+        def distill(self, server_round, replies):
+            runs.update(super().distill(server_round, replies))
+            return runs
+
+    strategy = Spy(validation_samples=50, public_batch=32, distill_steps=500, eval_every=20, patience=40,
+                   distill_learning_rate=1.0, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=4,
+                   min_available_nodes=4)
+    # Execute
+    run_feddf(strategy, filled_client(bias))
+    # Assert: for the phones' architecture the start (step 0) stays best; the check at step 60 is
+    # 60 > 40 steps after it: stop there, well before the 500-step budget, and keep the fused model.
+    # (The camera's fused model already says `rare`: the teacher does not hurt it.)
+    assert (runs[TINY_AUDIO].steps, runs[TINY_AUDIO].best_step) == (60, 0)
+    assert [at for at, _ in runs[TINY_AUDIO].checks] == [0, 20, 40, 60]
+    assert np.allclose(strategy.models[TINY_AUDIO].state_dict()["head.bias"].numpy(), np.eye(10)[common])
+
+
+def test_validation_is_the_runs_labelled_public_samples_and_never_distilled_on():
+    # Prepare
+    ctx = SimulationContext(parse_scenario(mixed_tiny()))
+    size, seed = len(ctx.dataset.split("public")), ctx.scenario.seed
+    strategy, none = FedDF(validation_samples=30), FedDF(validation_samples=0)
+    # Execute
+    strategy.fedkd_attach_server(ctx)
+    none.fedkd_attach_server(ctx)
+    # Assert: the first 30 of the run's labelled order (what any strategy with 30 labels reads),
+    # the rest is the distillation pool; reported as read for validation.
+    assert np.array_equal(strategy._validation, labelled_public(seed, size, 30))
+    assert np.array_equal(strategy._unlabeled, unlabelled_public(seed, size, 30))
+    read = strategy.fedkd_labels_read()
+    assert list(read) == ["validation"] and np.array_equal(read["validation"], labelled_public(seed, size, 30))
+    assert none.fedkd_labels_read() == {} and len(none._unlabeled) == size
+
+
+def test_distill_epochs_gives_the_budget_in_passes_and_zero_switches_distillation_off():
+    runs = {}
+
+    class Spy(FedDF):
+        def distill(self, server_round, replies):
+            runs.update(super().distill(server_round, replies))
+            return runs
+
+    # 2 passes over 40 samples in batches of 16 (the last of a pass dropped): 2 * ceil(40 / 16) = 6 steps.
+    strategy = Spy(public_batch=40, distill_epochs=2, distill_batch_size=16, validation_samples=0,
+                   fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4)
+    run_feddf(strategy, filled_client({0: [1.0] + [0.0] * 9}))
+    assert {run.steps for run in runs.values()} == {6}
+    assert not FedDF(distill_epochs=0).distills and not FedDF(distill_steps=0).distills
+    assert FedDF(distill_steps=0, distill_epochs=1).distills
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"distill_steps": -1}, "distill_steps"), ({"patience": -1}, "patience"), ({"eval_every": 0}, "eval_every"),
+    ({"distill_batch_size": 0}, "distill_batch_size"), ({"distill_epochs": -1}, "distill_epochs"),
+])
+def test_bad_distillation_settings_are_refused(params, message):
+    with pytest.raises(ValueError, match=message):
+        FedDF(**params)
+
+
 def test_feddf_runs_on_mixed_tiers_where_fedavg_is_refused(write_scenario, tiny_scenario, tmp_path, capsys):
     # Prepare: phones (audio) on the tiny tier, cameras (image) on the small one.
     scenario = mixed_tiny()
-    scenario["strategies"] = [{"name": "feddf", "params": {"public_batch": 64, "distill_epochs": 1}}]
+    scenario["strategies"] = [{"name": "feddf", "params": {"public_batch": 64, "distill_steps": 20}}]
     path = write_scenario(scenario)
     # Execute
     assert main(["simulate", str(path), "--out", str(tmp_path / "df")]) == 0

@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fedkd.cli import main
 from fedkd.codecs import decode_any, get_codec
+from fedkd.labels import labelled_public
 from fedkd.logit_exchange import PublicSet
 from fedkd.runtime.records import task_of
 from strategies.dsfl import DSFL
@@ -97,3 +98,56 @@ def test_logit_strategies_run_with_mixed_architectures_and_move_far_fewer_bytes(
     # plus record overhead; a FedAvg model update here is tens of kilobytes.
     assert get_codec("int8").encoded_size(64, 10) == 916
     assert per_participant < 2_000
+
+
+def test_fedmd_pretrains_on_public_labels_by_default_and_dsfl_does_not():
+    # FedMD's transfer step is on by default: every task says so, and the samples are reported.
+    fedmd = FedMD(fraction_train=1.0, min_available_nodes=3, public_batch=4)
+    run_rounds(fedmd, rounds=1)
+    assert {(c["public-pretrain-epochs"], c["public-pretrain-samples"]) for c in RECEIVED} == {(1, 512)}
+    # The public set here has 50 samples: a device pretrains on all of them (512 > 50).
+    read = fedmd.fedkd_labels_read()
+    assert list(read) == ["transfer"] and read["transfer"].tolist() == list(range(50))
+    # DS-FL reads no labels; either strategy can switch the step on or off.
+    dsfl = DSFL(fraction_train=1.0, min_available_nodes=3, public_batch=4)
+    run_rounds(dsfl, rounds=1)
+    assert {c["public-pretrain-epochs"] for c in RECEIVED} == {0} and dsfl.fedkd_labels_read() == {}
+    off = FedMD(public_pretrain_epochs=0)
+    off.fedkd_bind(PublicSet(size=50, num_classes=2, seed=0))
+    assert off.fedkd_labels_read() == {}
+    some = DSFL(public_pretrain_epochs=2, public_pretrain_samples=20)
+    some.fedkd_bind(PublicSet(size=50, num_classes=2, seed=0))
+    # The first 20 of the run's labelled order (fedkd.labels), the samples any budget of 20 reads.
+    assert some.fedkd_labels_read()["transfer"].tolist() == labelled_public(0, 50, 20).tolist()
+
+
+def test_fedmd_reports_exactly_the_samples_its_devices_pretrain_on(write_scenario, tiny_scenario, tmp_path,
+                                                                   monkeypatch):
+    # Prepare: record what the client trains on; FedMD pretrains on 16 public samples.
+    import fedkd.runtime.client as client
+    from fedkd.runtime.context import simulation_context
+    from fedkd.scenario import parse_scenario
+
+    calls = []
+    real = client.train_local
+
+    def spy(model, data, modalities, **kwargs):
+        calls.append((data, tuple(modalities), kwargs["epochs"]))
+        return real(model, data, modalities, **kwargs)
+
+    monkeypatch.setattr(client, "train_local", spy)
+    tiny_scenario["rounds"] = 1
+    tiny_scenario["strategy_defaults"] = {"fraction_train": 0.5, "min_available_nodes": 2}
+    tiny_scenario["strategies"] = [{"name": "fedmd", "params": {"public_batch": 8, "public_pretrain_samples": 16}}]
+    # Execute
+    assert main(["simulate", str(write_scenario(tiny_scenario)), "--out", str(tmp_path / "md")]) == 0
+    # Assert: each device of the round trained twice, first on the reported public samples, once.
+    public = simulation_context(parse_scenario(tiny_scenario)).dataset.split("public")
+    strategy = FedMD(public_pretrain_samples=16)
+    strategy.fedkd_bind(PublicSet(size=len(public), num_classes=10, seed=3))
+    expected = public.subset(strategy.fedkd_labels_read()["transfer"])
+    pretraining = [(data, mods, epochs) for data, mods, epochs in calls if len(data) == 16 and epochs == 1
+                   and np.array_equal(data.labels, expected.labels)]
+    assert len(pretraining) == len(calls) // 2 > 0
+    for data, mods, _ in pretraining:
+        assert all(np.array_equal(data.inputs[m], expected.inputs[m]) for m in mods)

@@ -113,3 +113,19 @@ def test_codecs_can_differ_by_modality():
     assert plans[0] == DevicePlan(True, "sensor", "small", 2, "topk:1")
     with pytest.raises(ValueError, match="codec"):
         ResourceAware(modality_codecs={"sensor": ["zip"]})
+
+
+def test_through_plans_for_a_device_without_a_reported_downlink_is_assumed_to_have_its_uplinks():
+    # The view plans_for hands on has no downlink_bps when the strategy gave none: the allocator
+    # then takes the uplink's speed, as a device that reported 1e6 bit/s both ways.
+    sizes = {"small": 100_000, "tiny": 20_000}
+    a = allocator()
+    a.bind(lambda d: HW, lambda tier, mods: FLOPS[tier],
+           TaskShape(public_batch=10, distill_samples=0, num_classes=10, downlink_bytes=0,
+                     reply_overhead_bytes=0, model_bytes=lambda tier, mods: sizes[tier]), deadline_s=100.0)
+    without = SimpleNamespace(battery_j=np.array([100.0]), uplink_bps=np.array([8_000.0]),
+                              compute_flops=np.array([1e9]))
+    both = SimpleNamespace(**vars(without), downlink_bps=np.array([8_000.0]))
+    assert plans_for(a, 1, [0], without) == plans_for(a, 1, [0], both)
+    # 8 kbit/s each way: the small model's 100 s download misses the deadline; tiny's 20 s fits.
+    assert plans_for(a, 1, [0], without)[0].model_tier == "tiny"

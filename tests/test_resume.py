@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,39 @@ def test_a_run_killed_twice_and_resumed_twice_writes_the_same_rounds_csv(write_s
     for name in ("rounds.csv", "devices.csv"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert not (out / ".checkpoint").exists()
+
+
+def test_a_two_seed_run_resumes_each_seed_and_strategy_where_it_stopped(tmp_path, write_scenario, capsys):
+    # Prepare: two seeds of two strategies, two rounds each; the uninterrupted run.
+    raw = two_strategies(rounds=2)
+    raw["seeds"] = [0, 1]
+    scenario = parse_scenario(raw)
+    uninterrupted = as_csv(run_scenario(scenario))
+    store = CheckpointStore(tmp_path, scenario)
+    # Execute: stop after round 1 of every (seed, strategy), resume each time.
+    stops, resume, labels = 0, False, []
+    while True:
+        try:
+            runs = run_scenario(scenario, stop_at(1), store, resume=resume)
+            break
+        except Stop as stop:
+            labels.append(str(stop))
+            if stops == 2:  # seed 0 done, seed 1's fedavg stopped: what --resume would report
+                found = store.inspect()
+            stops, resume = stops + 1, True
+    # Assert: one checkpoint per (seed, strategy); rows as if never stopped, by strategy then seed.
+    assert labels == ["fedavg seed 0", "fedmd seed 0", "fedavg seed 1", "fedmd seed 1"]
+    assert found == {"fedavg seed 0": {"complete": True, "rounds": 2}, "fedmd seed 0": {"complete": True, "rounds": 2},
+                     "fedavg seed 1": {"complete": False, "rounds": 1}}
+    assert sorted(p.name for p in store.folder.glob("*.pt")) == [
+        "seed0-0-fedavg.pt", "seed0-1-fedmd.pt", "seed1-0-fedavg.pt", "seed1-1-fedmd.pt"]
+    assert as_csv(runs) == uninterrupted
+    assert [(run.label, run.seed) for run in runs] == [("fedavg", 0), ("fedavg", 1), ("fedmd", 0), ("fedmd", 1)]
+    # A checkpoint of these two seeds is no checkpoint of three, nor of one of them alone.
+    for other, message in (([0, 1, 2], "it is for seeds [0, 1], not seeds [0, 1, 2]"),
+                           ([1], "it is for seeds [0, 1], not seed 1")):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            CheckpointStore(tmp_path, parse_scenario({**raw, "seeds": other})).inspect()
 
 
 # -- safety and refusals ------------------------------------------------------------

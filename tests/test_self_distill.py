@@ -165,3 +165,28 @@ def test_fedavg_with_self_distillation_moves_the_same_bytes_and_spends_more_ener
     assert a["bytes_up"].equals(b["bytes_up"]) and a["bytes_down"].equals(b["bytes_down"])
     ok = a["status"] == "ok"
     assert (b.loc[ok, "energy_j"].to_numpy() > a.loc[ok, "energy_j"].to_numpy()).all()
+
+
+def test_heads_are_reinitialised_for_every_task(monkeypatch):
+    # Prepare: record the heads each training call builds, with their weights as built.
+    import fedkd.training as training
+
+    built = []
+
+    class Recorded(AuxiliaryHeads):
+        def __init__(self, model, seed):
+            super().__init__(model, seed)
+            built.append((seed, {k: v.clone() for k, v in self.state_dict().items()}))
+
+    monkeypatch.setattr(training, "AuxiliaryHeads", Recorded)
+    model = tiny_model()
+    # Execute: two tasks on the same model, the second with the first task's seed again.
+    for _ in range(2):
+        train_local(model, shard(), ("camera", "sensor"), epochs=2, batch_size=4, learning_rate=0.01, seed=7,
+                    self_distillation=SelfDistillSpec())
+    # Assert: each task built new heads, at random from its seed alone: the second task's heads start
+    # exactly where the first's did, nothing learnt in the first carried over.
+    assert len(built) == 2
+    (seed_1, first), (seed_2, second) = built
+    assert seed_1 == seed_2 == 7 and all(torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(first[k], v) for k, v in AuxiliaryHeads(tiny_model(), seed=7).state_dict().items())

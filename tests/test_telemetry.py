@@ -26,7 +26,6 @@ def make_world(devices: int = 3, telemetry: dict | None = None, **device) -> Dev
 def test_a_report_stays_until_the_next_one():
     # Prepare: a full 20 J device, 1e-9 J per FLOP, 1e-6 J per byte down; 97 s have passed.
     world = make_world()
-    telemetry = Telemetry(world)
     world.advance(97.0)
     # Execute: a task of 3e9 FLOPs at 1e9 FLOP/s: 3 s and 3 J; it completes at t = 100 s.
     world.run_phase([TaskCost(0, bytes_down=0, flops=3e9, bytes_up=0)], {})
@@ -34,12 +33,15 @@ def test_a_report_stays_until_the_next_one():
     world.run_phase([TaskCost(0, bytes_down=MB, flops=0, bytes_up=0)], {})
     # Assert: truth is 20 - 3 - 0.625 = 16.375 J at t = 105 s; the server still sees 17 J from t = 100 s.
     assert world.battery_j[0] == pytest.approx(16.375)
-    report = telemetry.latest([0])
+    before = Telemetry(world)
+    report = before.latest([0])
     assert (report.battery_j[0], report.reported_at_s[0], report.age_s[0]) == (17.0, 100.0, 5.0)
-    # Its next completed task (2e9 FLOPs: 2 J, ends at 107 s) brings the news.
+    # Its next completed task (2e9 FLOPs: 2 J, ends at 107 s) brings the news to a new view;
+    # the view taken before is a snapshot and keeps what was known then.
     world.run_phase([TaskCost(0, bytes_down=0, flops=2e9, bytes_up=0)], {})
-    report = telemetry.latest([0])
+    report = Telemetry(world).latest([0])
     assert report.battery_j[0] == pytest.approx(14.375) and report.reported_at_s[0] == 107.0
+    assert (before.battery_j[0], before.reported_at_s[0], before.now_s) == (17.0, 100.0, 105.0)
 
 
 def test_devices_that_never_ran_a_task_show_their_enrollment():
@@ -103,11 +105,10 @@ def test_noise_is_multiplicative_seeded_and_never_the_truth():
 
 def test_reports_are_never_from_the_future():
     world = make_world(devices=50, telemetry={"report_interval_s": 7.0}, idle_power_w=0.01)
-    telemetry = Telemetry(world)
     for step in range(5):
         world.run_phase([TaskCost(d, bytes_down=MB // 4, flops=1e9, bytes_up=0) for d in range(step, 50, 5)], {})
         world.advance(11.0)
-        report = telemetry.latest(np.arange(50))
+        report = Telemetry(world).latest(np.arange(50))
         assert (report.reported_at_s <= world.now_s).all() and (report.age_s >= 0).all()
         # A charge never rises without a charger, so a report is never below the truth.
         assert (report.battery_j >= world.battery_j - 1e-5).all()
@@ -170,3 +171,122 @@ def test_heartbeat_inside_a_span_sees_the_right_share_online():
     reported = Telemetry(world).reported_at_s == 100.0
     # Assert: P(on at 100 s | on at 0) = 1/2 + 1/2 e^{-(1/100 + 1/100) 100} = 0.5677.
     assert reported.mean() == pytest.approx(0.5 + 0.5 * np.exp(-2.0), abs=0.015)
+
+
+# -- the view an allocator gets: no path to the truth, nothing to write -----------------------
+
+def reachable(root, depth: int = 4) -> list:
+    """Everything reachable from ``root`` in ``depth`` hops through instance dicts, slots,
+    public attributes and properties, bound methods' ``__self__``, closures, and containers."""
+    seen, found, frontier = {id(root)}, [root], [root]
+    for _ in range(depth):
+        following = []
+        for obj in frontier:
+            children = []
+            if isinstance(obj, dict) or type(obj).__name__ == "mappingproxy":
+                children += list(obj.keys()) + list(obj.values())
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                children += list(obj)
+            if isinstance(obj, (str, bytes, int, float, bool, type(None), type)):
+                continue
+            children += list(getattr(obj, "__dict__", {}).values())
+            for klass in type(obj).__mro__:
+                for slot in getattr(klass, "__slots__", ()):
+                    try:
+                        children.append(object.__getattribute__(obj, slot))
+                    except AttributeError:
+                        pass
+            if not isinstance(obj, np.ndarray):  # an array's own attributes are views of itself
+                for name in dir(obj):
+                    if name.startswith("__"):
+                        continue
+                    try:
+                        children.append(getattr(obj, name))
+                    except Exception:  # noqa: BLE001 - a property may refuse (a field the view lacks)
+                        pass
+            else:
+                children.append(obj.base)
+            children.append(getattr(obj, "__self__", None))
+            for cell in getattr(obj, "__closure__", None) or ():
+                children.append(cell.cell_contents)
+            for child in children:
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    found.append(child)
+                    following.append(child)
+        frontier = following
+    return found
+
+
+def test_the_view_leads_nowhere_near_the_world():
+    # Prepare: a world with reports worth reading, and the simulated grid around it.
+    from fedkd.sim.grid import SimulatedGrid
+    from fedkd.sim.population import Population
+
+    world = make_world(devices=5, telemetry={"report_interval_s": 10.0, "noise_sigma": 0.1})
+    world.advance(25.0)
+    # Execute
+    view = Telemetry(world)
+    found = reachable(view)
+    # Assert: no world, population or grid a few hops away, and no array sharing memory with
+    # the world's (its truth or its report log): the view holds copies.
+    assert not [o for o in found if isinstance(o, (DeviceWorld, Population, SimulatedGrid))]
+    assert not hasattr(view, "world") and not hasattr(view, "__dict__")
+    truths = [world.battery_j, world.online, world.capacity_j, world.reports.reported_at_s,
+              world.reports.online, *world.reports.values.values()]
+    arrays = [o for o in found if isinstance(o, np.ndarray)]
+    assert len(arrays) >= 7 and not any(np.shares_memory(a, t) for a in arrays for t in truths)
+    assert view.reported_at_s.tolist() == [20.0] * 5 and view.now_s == 25.0
+
+
+def test_the_views_arrays_and_attributes_cannot_be_written():
+    world = make_world(telemetry={"report_interval_s": 10.0})
+    world.advance(10.0)
+    view = Telemetry(world)
+    report = view.latest([0, 2])
+    for name in ("battery_j", "uplink_bps", "downlink_bps", "compute_flops", "online", "reported_at_s",
+                 "capacity_j"):
+        array = getattr(view, name)
+        assert not array.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = array[1]
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(report, name)[0] = getattr(report, name)[1]
+    with pytest.raises(AttributeError):
+        view.battery_j = np.zeros(3)
+    with pytest.raises(AttributeError):
+        view.world = world
+    with pytest.raises(AttributeError):
+        view._battery_j = np.zeros(3)
+    assert world.reports.values["battery_j"].flags.writeable  # the world's own log is untouched
+
+
+def test_plans_for_hands_an_allocator_a_view_even_of_a_namespace():
+    # Prepare: a strategy passes a namespace that carries more than reports (here the world itself).
+    from types import SimpleNamespace
+
+    from fedkd.allocator import DevicePlan, plans_for
+
+    world = make_world()
+    given = SimpleNamespace(battery_j=np.array([10.0, 20.0, 30.0]), uplink_bps=np.full(3, 1e6),
+                            compute_flops=np.full(3, 1e9), world=world)
+    seen = {}
+
+    class Peek:
+        def allocate(self, server_round, device_ids, telemetry):
+            seen["telemetry"] = telemetry
+            return {d: DevicePlan() for d in device_ids}
+
+    # Execute
+    plans_for(Peek(), 1, [0, 1], given)
+    # Assert: the allocator saw a read-only copy of the report fields, not the namespace.
+    view = seen["telemetry"]
+    assert isinstance(view, Telemetry) and view.battery_j.tolist() == [10.0, 20.0, 30.0]
+    assert not view.battery_j.flags.writeable and given.battery_j.flags.writeable
+    assert getattr(view, "downlink_bps", "absent") == "absent"
+    assert not [o for o in reachable(view) if isinstance(o, DeviceWorld)]
+    assert [o for o in reachable(given) if isinstance(o, DeviceWorld)]  # the walk would have found it
+    # The simulated world's view is handed on as it is.
+    own = Telemetry(world)
+    plans_for(Peek(), 1, [0], own)
+    assert seen["telemetry"] is own

@@ -7,13 +7,13 @@ never downloads, trains or uploads an encoder for a camera it does not have.
 Two devices share weights only when both tier and sensors match.
 
 Here: the architecture key, the census of the population by architecture,
-the scoring of per-architecture models on the test split, and what FedDF and
-the centralized reference share. Devices train a per-architecture model with
+and what FedDF and the centralized reference share (checkpoints, and which
+model a device of the evaluation panel runs: its architecture's). Devices train a per-architecture model with
 the ordinary ``train`` handler, which builds the encoders it is sent.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..scoring import PanelModel
 from ..sim.grid import NodeProfile
-from ..training import accuracy
 from .context import SimulationContext
 
 # The message type of a task that trains the device's own architecture.
@@ -85,49 +85,9 @@ def new_model(ctx: SimulationContext, arch: Architecture) -> nn.Module:
     return ctx.new_model(arch.tier, modalities=arch.modalities)
 
 
-def score_architectures(ctx: SimulationContext, models: Mapping[Architecture, nn.Module],
-                        devices: Mapping[Architecture, int]) -> tuple[float, dict[str, float]]:
-    """Test accuracy of each architecture's model, each fed the sensors it has.
-
-    The headline accuracy is the mean over architectures weighted by how many
-    devices run each (``devices``): the accuracy of the average device of the
-    population if every device used its architecture's global model. The
-    columns ``accuracy_tier_<tier>`` and ``accuracy_<modalities>_devices`` are
-    the same device-weighted means within a tier or a sensor set, named as the
-    logit-exchange strategies name theirs, so the tables line up.
-    """
-    test = ctx.test_split
-    with single_threaded():
-        scores = {arch: accuracy(model, test, arch.modalities) for arch, model in sorted(models.items())}
-    return architecture_metrics(scores, devices)
-
-
-def architecture_metrics(scores: Mapping[Architecture, float], devices: Mapping[Architecture, int]
-                         ) -> tuple[float, dict[str, float]]:
-    """The headline and the per-tier, per-sensor-set and per-architecture columns of
-    :func:`score_architectures`, from a test accuracy per architecture."""
-    weights = {arch: float(devices.get(arch, 0)) for arch in scores}
-    if sum(weights.values()) == 0:  # no census (a hand-built strategy): every architecture counts once
-        weights = dict.fromkeys(scores, 1.0)
-
-    def mean(archs) -> float:
-        archs = list(archs)
-        total = sum(weights[a] for a in archs)
-        return sum(scores[a] * weights[a] for a in archs) / total if total else float(np.mean([scores[a] for a in archs]))
-
-    metrics = {"accuracy_min": min(scores.values()), "architectures": float(len(scores))}
-    for tier in sorted({a.tier for a in scores}):
-        metrics[f"accuracy_tier_{tier}"] = mean(a for a in scores if a.tier == tier)
-    for mods in sorted({a.modalities for a in scores}):
-        metrics[f"accuracy_{'+'.join(mods)}_devices"] = mean(a for a in scores if a.modalities == mods)
-    for arch, score in scores.items():
-        metrics[f"accuracy_arch_{arch.key}"] = score
-    return mean(scores), metrics
-
-
 class ArchitectureModels:
     """For strategies that keep one model per architecture on the server (FedDF, the
-    centralized reference): checkpoints and scoring of ``self.models``, built for
+    centralized reference): checkpoints of ``self.models`` and their scoring, built for
     ``self.devices`` (Architecture -> devices of the population that run it)."""
 
     models: dict[Architecture, nn.Module]
@@ -141,5 +101,7 @@ class ArchitectureModels:
         for arch, model in self.models.items():
             model.load_state_dict(state["models"][arch.key])
 
-    def fedkd_evaluate(self, ctx, device_state) -> tuple[float, dict[str, float]]:
-        return score_architectures(ctx, self.models, self.devices)
+    def fedkd_panel_model(self, ctx, device, device_state) -> PanelModel:
+        """A device runs its architecture's global model (fedkd.scoring)."""
+        arch = Architecture(device.model_tier, device.modalities)
+        return PanelModel(("architecture", arch), lambda: self.models[arch])

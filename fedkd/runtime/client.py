@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from ..codecs import decode_any, get_codec
 from ..device_models import model_key, pack, unpack
 from ..distill import distill_on
+from ..labels import labelled_public
 from ..runtime.records import COST, FOG_MODEL, PREFIX, STATE, cost_record, task_of, torch_state_dict
 from ..scenario import Scenario
 from ..seeding import derive_seed
@@ -118,10 +119,11 @@ def handle_logits(scenario: Scenario, message: Message) -> Message:
         model.load_state_dict(weights)
     elif int(config.get("public-pretrain-epochs", 0)) > 0:
         # FedMD's transfer-learning step: a new device first learns the labelled public set
-        # (or its first public-pretrain-samples samples, to bound the cost).
+        # (or the run's first public-pretrain-samples labelled samples, to bound the cost:
+        # the same ones other strategies with that label budget read, fedkd.labels).
         epochs = int(config["public-pretrain-epochs"])
-        labelled = public.subset(np.arange(min(int(config.get("public-pretrain-samples", len(public))),
-                                               len(public))))
+        labelled = public.subset(labelled_public(scenario.seed, len(public),
+                                                 int(config.get("public-pretrain-samples", len(public)))))
         train_local(model, labelled, modalities, epochs=epochs, batch_size=training.batch_size,
                     learning_rate=lr, seed=derive_seed(scenario.seed, "pretrain", device_id),
                     optimizer=training.optimizer)

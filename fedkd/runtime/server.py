@@ -21,15 +21,15 @@ from flwr.serverapp import Grid, ServerApp
 
 import numpy as np
 
-from ..device_models import model_key, model_keys, parse_key, unpack
 from ..logit_exchange import PublicSet
 from ..registry import resolve_strategy, strategy_params
-from ..seeding import derive_seed
 from ..results import RoundRecord, StrategyRun
 from ..scenario import Scenario, StrategySpec
+from ..scoring import PanelDevice, PanelModel, PanelScoring, evaluation_panel, global_model, own_model, score_panel
 from ..sim.grid import NodeProfile, PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
-from ..sim.world import DeviceWorld
+from ..sim.world import OK, DeviceWorld
+from ..warm_start import warm_start_indices, warm_started
 from ..training import predict_logits
 from .context import SimulationContext, simulation_context
 from .records import torch_state_dict
@@ -53,100 +53,74 @@ class StrategyJob:
         return self.scenario.rounds
 
 
-def sensor_shares(ctx: SimulationContext) -> dict[tuple[str, ...], float]:
-    """Share of the population sensing each modality set: the weights of the headline accuracy."""
-    from .architectures import population_architectures
-
-    counts: dict[tuple[str, ...], int] = {}
-    for arch, n in population_architectures(ctx).items():
-        counts[arch.modalities] = counts.get(arch.modalities, 0) + n
-    total = sum(counts.values())
-    return {mods: n / total for mods, n in sorted(counts.items())}
-
-
-def headline(per_set: dict[tuple[str, ...], float], shares: dict[tuple[str, ...], float]) -> float:
-    """The accuracy a random device of the population gets: per-sensor-set accuracies
-    weighted by how many devices sense that set (sets not scored are left out)."""
-    scored = {mods: share for mods, share in shares.items() if mods in per_set}
-    return float(sum(per_set[m] * w for m, w in scored.items()) / sum(scored.values()))
-
-
-def evaluate_global(ctx: SimulationContext, arrays: ArrayRecord,
-                    shares: dict[tuple[str, ...], float] | None = None) -> tuple[float, dict[str, float]]:
-    """A global model scored as the devices use it: each fed only the sensors it has.
-
-    ``accuracy`` weights each sensor set by its share of the population, so it
-    is comparable with strategies whose devices keep their own models; the
-    model fed every modality is ``accuracy_all_modalities``.
-    """
-    shares = shares or sensor_shares(ctx)
-    model = ctx.new_model(ctx.scenario.training.model_tier)
-    model.load_state_dict(torch_state_dict(arrays))
-    test = ctx.test_split
-    names = ctx.dataset.modality_names
-
-    def acc(modalities) -> float:
-        return float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
-
-    per_set = {mods: acc(mods) for mods in shares}
-    metrics = {f"accuracy_{'+'.join(mods)}_devices": a for mods, a in per_set.items()}
-    metrics["accuracy_all_modalities"] = per_set.get(names, None) or acc(names)
-    if len(names) > 1:
-        metrics.update({f"accuracy_{m}": per_set.get((m,), None) or acc((m,)) for m in names})
-    return headline(per_set, shares), metrics
-
-
 def node_profile(ctx: SimulationContext, device_id: int) -> NodeProfile:
     device_class = ctx.population.class_of(device_id)
     tier = device_class.model_tier or ctx.scenario.training.model_tier
     return NodeProfile(device_id, device_class.name, tier, ctx.modalities_of(device_id), ctx.fog_of(device_id))
 
 
-# How many device models a logit-exchange strategy is scored on each round.
-DEVICE_PANEL = 24
+class RunScorer:
+    """Scores one strategy's run, round after round, by the one protocol (:mod:`fedkd.scoring`).
 
-
-def evaluate_devices(ctx: SimulationContext, device_state: dict,
-                     shares: dict[tuple[str, ...], float] | None = None) -> tuple[float, dict[str, float]]:
-    """Mean test accuracy of the devices' own models, each with its own sensors.
-
-    A fixed panel: the lowest ids among devices that have a model (before any
-    has, fresh models of the first devices), so the curve follows the same
-    devices from round to round once they have joined. A device holding
-    several models (sizes or sensors an allocator asked for) counts with its
-    best one, the one it would run. ``accuracy`` weights each sensor set's
-    mean by its share of the population, as for a global model.
+    The panel is a pure function of the scenario, so every strategy of a run (and a
+    resumed run) is scored on the same devices. Which model a panel device runs: the
+    strategy's ``fedkd_panel_model`` when it has one, else the global model for a
+    weight-sharing strategy, else the device's own.
     """
-    shares = shares or sensor_shares(ctx)
-    panel = sorted(device_state)[:DEVICE_PANEL] or list(range(min(DEVICE_PANEL, ctx.population.size)))
-    test = ctx.test_split
-    scores: list[tuple[float, str, str]] = []
-    for device_id in panel:
-        device = ctx.device(device_id)
-        state = device_state.get(device_id)
-        keys = model_keys(state) or [model_key(device.model_tier, device.modalities)]
-        best = None
-        for key in keys:
-            tier, modalities = parse_key(key)
-            model = ctx.new_model(tier, seed=derive_seed(ctx.scenario.seed, "device-model", device_id, key),
-                                  modalities=modalities)
-            weights = unpack(state, key)
-            if weights is not None:
-                model.load_state_dict(weights)
-            acc = float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
-            if best is None or acc > best[0]:
-                best = (acc, tier, "+".join(modalities))
-        scores.append(best)
-    accuracies = np.array([a for a, _, _ in scores])
-    metrics = {"accuracy_min": float(accuracies.min()), "evaluated_devices": float(len(scores))}
-    for tier in sorted({t for _, t, _ in scores}):
-        metrics[f"accuracy_tier_{tier}"] = float(np.mean([a for a, t, _ in scores if t == tier]))
-    per_set = {}
-    for mods in sorted({m for _, _, m in scores}):
-        per_set[tuple(mods.split("+"))] = float(np.mean([a for a, _, m in scores if m == mods]))
-        metrics[f"accuracy_{mods}_devices"] = per_set[tuple(mods.split("+"))]
-    metrics["accuracy_panel_mean"] = float(accuracies.mean())
-    return headline(per_set, shares), metrics
+
+    def __init__(self, ctx: SimulationContext, strategy: Any, shares_weights: bool):
+        self.ctx, self.strategy, self.shares_weights = ctx, strategy, shares_weights
+        self.panel = evaluation_panel(ctx, ctx.scenario.evaluation.panel_devices)
+        self.trained: set[int] = set()
+        self._seen_records = 0
+
+    def score(self, arrays: ArrayRecord, recorder: RoundRecorder, device_state: dict
+              ) -> tuple[float, dict[str, float]]:
+        self._note_trained(recorder)
+        if isinstance(self.strategy, PanelScoring):
+            def model_of(device: PanelDevice) -> PanelModel:
+                return self.strategy.fedkd_panel_model(self.ctx, device, device_state)
+        elif self.shares_weights:
+            shared = global_model(self.ctx, torch_state_dict(arrays))
+
+            def model_of(device: PanelDevice) -> PanelModel:
+                return shared
+        else:
+            def model_of(device: PanelDevice) -> PanelModel:
+                return own_model(self.ctx, device, device_state)
+        accuracy, metrics = score_panel(self.ctx, self.panel, model_of, self.trained)
+        if self.shares_weights and not isinstance(self.strategy, PanelScoring):
+            metrics |= global_model_columns(self.ctx, shared)
+        extra = getattr(self.strategy, "fedkd_round_metrics", None)
+        if extra is not None:
+            metrics |= extra(self.ctx, device_state)
+        return accuracy, metrics
+
+    def _note_trained(self, recorder: RoundRecorder) -> None:
+        """Devices that have completed a training task (closed rounds, then the open one)."""
+        closed = recorder.run.devices
+        for record in closed[self._seen_records:]:
+            if record.phase == "train" and record.status == OK:
+                self.trained.add(record.device_id)
+        self._seen_records = len(closed)
+        self.trained.update(d for d in recorder.pending_trained())
+
+
+def global_model_columns(ctx: SimulationContext, shared: PanelModel) -> dict[str, float]:
+    """A global model fed every modality (``accuracy_all_modalities``) and each alone."""
+    from .architectures import single_threaded
+
+    test, names = ctx.test_split, ctx.dataset.modality_names
+    with single_threaded():
+        model = shared.build()
+
+        def acc(modalities) -> float:
+            return float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
+
+        columns = {"accuracy_all_modalities": acc(names)}
+        if len(names) > 1:
+            columns |= {f"accuracy_{m}": acc((m,)) for m in names}
+    return columns
 
 
 def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = None) -> StrategyRun:
@@ -170,18 +144,24 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
     strategy = ref.cls(**strategy_params(ref, scenario.strategy_defaults, job.spec.params))
     # Optional fedkd hooks a strategy may define (Flower's own strategies have none):
     # fedkd_bind(PublicSet): the shared public set; fedkd_attach_server(ctx): the
-    # server's own data and model builders; fedkd_evaluate(ctx, device_state):
-    # how to score the strategy's models, when neither a global model nor the
-    # devices' own models are the answer; fedkd_state() / fedkd_restore(state):
+    # server's own data and model builders; fedkd_panel_model(ctx, device, state):
+    # the model a panel device runs, when neither the global model nor the device's
+    # own is the answer (fedkd.scoring); fedkd_round_metrics(ctx, state): extra
+    # columns; fedkd_labels_read(): labelled public samples read, by purpose;
+    # fedkd_state() / fedkd_restore(state):
     # what it keeps from round to round besides the global arrays, for checkpoints.
     if hasattr(strategy, "fedkd_bind"):
         strategy.fedkd_bind(PublicSet(len(ctx.dataset.split("public")), ctx.dataset.num_classes, scenario.seed))
     if hasattr(strategy, "fedkd_attach_server"):
         strategy.fedkd_attach_server(ctx)
-    initial = ArrayRecord(ctx.new_model(scenario.training.model_tier).state_dict())
-    shares = sensor_shares(ctx)
+    warm_start = scenario.training.warm_start if ref.shares_weights else None
+    initial_model = ctx.new_model(scenario.training.model_tier)
     saved = job.checkpoints.load(job.index, label) if job.checkpoints is not None and job.resume else None
     resumed = saved is not None and saved["state"] is not None
+    if warm_start is not None and not resumed:
+        warm_started(ctx, initial_model, warm_start)
+    initial = ArrayRecord(initial_model.state_dict())
+    scorer = RunScorer(ctx, strategy, ref.shares_weights)
     if resumed:
         state = saved["state"]
         initial = state["arrays"]
@@ -198,13 +178,7 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
         if resumed and flower_round == 0:
             return None  # the initial model was scored before the run was interrupted
         server_round = flower_round + done
-        scored = strategy.fedkd_evaluate(ctx, grid.device_state) if hasattr(strategy, "fedkd_evaluate") else None
-        if scored is not None:
-            accuracy, metrics = scored
-        elif ref.shares_weights:
-            accuracy, metrics = evaluate_global(ctx, arrays, shares)
-        else:
-            accuracy, metrics = evaluate_devices(ctx, grid.device_state, shares)
+        accuracy, metrics = scorer.score(arrays, recorder, grid.device_state)
         record = recorder.close_round(server_round, accuracy, metrics)
         recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
         if job.checkpoints is not None:
@@ -221,6 +195,13 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
                            evaluate_fn=close_round)
     except PopulationExhausted as exc:
         recorder.run.stopped_early = str(exc)
+    read = dict(strategy.fedkd_labels_read()) if hasattr(strategy, "fedkd_labels_read") else {}
+    if warm_start is not None:
+        read["warm_start"] = warm_start_indices(ctx, warm_start)
+    read = {purpose: idx for purpose, idx in read.items() if len(idx)}
+    recorder.run.labelled_public = {purpose: len(np.unique(idx)) for purpose, idx in sorted(read.items())}
+    recorder.run.labelled_public_total = len(np.unique(np.concatenate(
+        [np.asarray(idx, dtype=np.int64) for idx in read.values()]))) if read else 0
     recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
     return recorder.run
 

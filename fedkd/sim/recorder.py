@@ -29,6 +29,10 @@ class RoundRecorder:
                 classes[self.world.class_index[o.device_id]].name, o.status, o.reason,
                 o.start_s, o.end_s, o.bytes_down, o.bytes_up, o.energy_j, o.battery_j))
 
+    def pending_trained(self) -> list[int]:
+        """Devices whose training task of the open round succeeded."""
+        return [t.device_id for t in self._pending if t.phase == "train" and t.status == OK]
+
     def record_backhaul(self, moved_bytes: int, energy_j: float) -> None:
         self._backhaul_bytes += moved_bytes
         self._backhaul_energy_j += energy_j
@@ -74,14 +78,18 @@ class RoundRecorder:
 def run_state(run: StrategyRun) -> dict:
     """A run's records as numbers, strings and arrays, for checkpoints."""
     return {"rounds": [asdict(r) for r in run.rounds], "devices": _columns(run.devices),
-            "stopped_early": run.stopped_early, "wall_time_s": run.wall_time_s}
+            "stopped_early": run.stopped_early, "wall_time_s": run.wall_time_s, "seed": run.seed,
+            "labelled_public": dict(run.labelled_public), "labelled_public_total": run.labelled_public_total}
 
 
 def run_from_state(label: str, strategy: str, state: dict) -> StrategyRun:
     """The inverse of :func:`run_state` (and of the run part of ``RoundRecorder.get_state``)."""
+    # .get: checkpoints written before a field existed still resume, with its default.
     return StrategyRun(label=label, strategy=strategy, rounds=[RoundRecord(**r) for r in state["rounds"]],
                        devices=_rows(state["devices"]), stopped_early=state["stopped_early"],
-                       wall_time_s=state["wall_time_s"])
+                       wall_time_s=state["wall_time_s"], seed=int(state.get("seed", 0)),
+                       labelled_public={str(k): int(v) for k, v in state.get("labelled_public", {}).items()},
+                       labelled_public_total=int(state.get("labelled_public_total", 0)))
 
 
 def _columns(records: list[DeviceRecord]) -> dict[str, list | np.ndarray]:

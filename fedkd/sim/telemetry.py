@@ -14,6 +14,11 @@ view can only be stale, never ahead: a device that reported 10 J at t = 100 s
 and has spent energy since still shows 10 J, with age ``now - 100``, until it
 reports again.
 
+What an allocator is handed is a :class:`Telemetry` view: a read-only
+snapshot of the reports at one moment, holding copies and no reference to the
+world, so an allocator has no path to the truth (:func:`fedkd.allocator.plans_for`
+turns anything else it is given into one).
+
 Storage is columnar (one array per reported quantity over the population);
 the values are float32 because reports are noisy estimates and a million
 devices should cost a few megabytes.
@@ -84,7 +89,7 @@ class ReportLog:
 
 @dataclass(frozen=True)
 class DeviceReports:
-    """The last reports of some devices, one array entry per requested id."""
+    """The last reports of some devices, one entry per requested id (read-only arrays)."""
 
     device_ids: np.ndarray
     reported_at_s: np.ndarray
@@ -97,60 +102,123 @@ class DeviceReports:
     compute_flops: np.ndarray
 
 
-def _read_only(values: np.ndarray) -> np.ndarray:
-    view = values.view()
-    view.flags.writeable = False  # an allocator reads reports; it cannot rewrite them
-    return view
+def _frozen_copy(values) -> np.ndarray:
+    """A copy the view owns, marked read-only: nothing in it points back at the world's arrays."""
+    copy = np.array(values, copy=True)
+    copy.flags.writeable = False  # an allocator reads reports; it cannot rewrite them
+    return copy
+
+
+# Everything a view may hold besides the clock: the reported columns, report times and
+# online flags, and the capacity each device registered (its class's battery size).
+FIELDS = ("reported_at_s", "online", "capacity_j", *REPORTED)
 
 
 class Telemetry:
-    """An allocator's view of the world: the last report of each device, never the truth.
+    """An allocator's view of the world: each device's last report, never the truth.
 
-    ``latest(ids)`` gathers everything about some devices at once. The
-    attributes ``battery_j``, ``uplink_bps``, ``downlink_bps``,
-    ``compute_flops``, ``online`` and ``reported_at_s`` are read-only arrays
-    over the whole population, indexed by device id (no copy), as
-    :class:`fedkd.allocator.Telemetry` asks; a report's age is
-    ``now_s - reported_at_s[d]``.
+    A *snapshot* taken when it is built (the simulated grid's ``telemetry()``
+    builds one per call): it copies the reports of that moment into arrays it
+    owns and keeps nothing else, so no attribute of it leads to the world, the
+    population's true state (batteries, links, availability) or the grid, and
+    later reports are seen by taking a new view. The arrays ``battery_j``,
+    ``uplink_bps``, ``downlink_bps``, ``compute_flops``, ``online``,
+    ``reported_at_s`` and ``capacity_j`` are read-only (``flags.writeable`` is
+    False; writing raises ``ValueError``), over the whole population, indexed
+    by device id, as :class:`fedkd.allocator.Telemetry` asks; ``now_s`` is the
+    clock when the view was taken, so a report's age is
+    ``now_s - reported_at_s[d]``. ``latest(ids)`` gathers everything about some
+    devices at once.
+
+    ``Telemetry(world)`` takes the view of a simulated world;
+    :meth:`from_arrays` builds one from arrays (what
+    :func:`fedkd.allocator.plans_for` does with any other telemetry object).
+    A view built from arrays may lack some fields; reading one raises
+    ``AttributeError``, so ``getattr(view, name, default)`` works.
     """
 
+    __slots__ = ("_now_s", *(f"_{name}" for name in FIELDS))
+
     def __init__(self, world: DeviceWorld):
-        self.world = world
+        log = world.reports
+        self._fill(world.now_s, {"reported_at_s": log.reported_at_s, "online": log.online,
+                                 "capacity_j": world.capacity_j, **log.values})
+
+    @classmethod
+    def from_arrays(cls, now_s: float | None = None, **columns) -> Telemetry:
+        """A view of the given columns (any of ``FIELDS``; ``battery_j``, ``uplink_bps`` and
+        ``compute_flops`` required), copied; ``now_s`` None: the view has no clock."""
+        unknown = sorted(set(columns) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"telemetry has no fields {unknown}; it has {list(FIELDS)}")
+        missing = [name for name in ("battery_j", "uplink_bps", "compute_flops") if columns.get(name) is None]
+        if missing:
+            raise TypeError(f"telemetry needs {missing}")
+        view = object.__new__(cls)
+        view._fill(now_s, columns)
+        return view
+
+    def _fill(self, now_s: float | None, columns: dict) -> None:
+        set_slot = object.__setattr__
+        set_slot(self, "_now_s", None if now_s is None else float(now_s))
+        for name in FIELDS:
+            values = columns.get(name)
+            set_slot(self, f"_{name}", None if values is None else _frozen_copy(values))
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"telemetry is read-only: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"telemetry is read-only: cannot delete {name!r}")
+
+    def _field(self, name: str):
+        value = object.__getattribute__(self, f"_{name}")
+        if value is None:
+            raise AttributeError(f"this telemetry view has no {name!r}")
+        return value
 
     @property
     def now_s(self) -> float:
-        return self.world.now_s
+        return self._field("now_s")
 
     @property
     def battery_j(self) -> np.ndarray:
-        return _read_only(self.world.reports.values["battery_j"])
+        return self._field("battery_j")
 
     @property
     def uplink_bps(self) -> np.ndarray:
-        return _read_only(self.world.reports.values["uplink_bps"])
+        return self._field("uplink_bps")
 
     @property
     def downlink_bps(self) -> np.ndarray:
-        return _read_only(self.world.reports.values["downlink_bps"])
+        return self._field("downlink_bps")
 
     @property
     def compute_flops(self) -> np.ndarray:
-        return _read_only(self.world.reports.values["compute_flops"])
+        return self._field("compute_flops")
 
     @property
     def online(self) -> np.ndarray:
-        return _read_only(self.world.reports.online)
+        return self._field("online")
 
     @property
     def reported_at_s(self) -> np.ndarray:
-        return _read_only(self.world.reports.reported_at_s)
+        return self._field("reported_at_s")
+
+    @property
+    def capacity_j(self) -> np.ndarray:
+        return self._field("capacity_j")
 
     def latest(self, device_ids) -> DeviceReports:
         ids = np.asarray(device_ids, dtype=np.int64)
-        log = self.world.reports
-        at = log.reported_at_s[ids]
+        at = self.reported_at_s[ids]
         return DeviceReports(
-            device_ids=ids, reported_at_s=at, age_s=self.world.now_s - at, online=log.online[ids],
-            capacity_j=self.world.capacity_j[ids],
-            **{name: log.values[name][ids].astype(np.float64) for name in REPORTED},
+            device_ids=_frozen_copy(ids), reported_at_s=_frozen_copy(at), age_s=_frozen_copy(self.now_s - at),
+            online=_frozen_copy(self.online[ids]), capacity_j=_frozen_copy(self.capacity_j[ids]),
+            **{name: _frozen_copy(getattr(self, name)[ids].astype(np.float64)) for name in REPORTED},
         )
+
+    def __repr__(self) -> str:
+        size = len(self.battery_j)
+        clock = "no clock" if self._now_s is None else f"t = {self._now_s:g} s"
+        return f"<Telemetry: last reports of {size} devices, {clock}>"

@@ -1,0 +1,186 @@
+"""The one scoring protocol: every strategy is scored the same way.
+
+A fixed **evaluation panel** of devices is drawn once per run from the whole
+population (seeded by the scenario's seed, stratified by device class, 64
+devices by default or the whole population if smaller), so every strategy of
+a run is scored on the same devices. Each panel device is scored on the test
+split with the model it would run *now*, fed only its own sensors:
+
+- weight-sharing strategies: the current global model;
+- strategies with a server-side model per architecture (FedDF, the
+  centralized reference): the model of the device's architecture;
+- fog strategies (ra_cmkd): its fog's model of its architecture;
+- strategies whose devices keep models: its own model, or its initial model
+  if it has never trained.
+
+A strategy says which model that is through :class:`PanelScoring` (the
+``fedkd_panel_model`` hook); strategies without the hook are scored by the
+two defaults above (global model, devices' own models). ``accuracy`` is the
+panel mean. Extra columns: ``accuracy_participants`` (panel devices that have
+completed a training task), per sensor set, per tier, per device class, per
+fog (``accuracy_fog_min``/``max``) and the worst device (``accuracy_min``).
+
+Nothing here ever chooses between models by their test accuracy.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from torch import nn
+
+from .seeding import derive_seed, rng_for
+
+# How many devices the evaluation panel holds by default.
+PANEL_DEVICES = 64
+
+
+@dataclass(frozen=True)
+class PanelDevice:
+    """A device of the evaluation panel, as registered: what it senses and runs, where it sits."""
+
+    device_id: int
+    device_class: str
+    model_tier: str
+    modalities: tuple[str, ...]
+    fog: int | None
+
+
+@dataclass(frozen=True)
+class PanelModel:
+    """The model a panel device runs now. ``key`` names it: devices with the same key run
+    the same weights, so the model is built and scored once per key and sensor set."""
+
+    key: Hashable
+    build: Callable[[], nn.Module]
+
+
+@runtime_checkable
+class PanelScoring(Protocol):
+    """What a strategy implements when neither default (global model, devices' own models)
+    names the model its devices run."""
+
+    def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel: ...
+
+
+def panel_counts(class_sizes: np.ndarray, size: int) -> np.ndarray:
+    """Devices per class: proportional to the class's size (largest remainder), every
+    class with devices getting at least one when ``size`` allows, never more than it has."""
+    class_sizes = np.asarray(class_sizes, dtype=np.int64)
+    total = int(class_sizes.sum())
+    size = min(size, total)
+    if size == total:
+        return class_sizes.copy()
+    exact = class_sizes * size / total
+    counts = np.floor(exact).astype(np.int64)
+    present = class_sizes > 0
+    if size >= int(present.sum()):
+        counts = np.where(present, np.maximum(counts, 1), 0)
+    # Hand out what is left by largest remainder; take back from the largest counts if the
+    # minimum of one overshot. Ties go to the lower class index (stable sort).
+    while counts.sum() < size:
+        room = np.where(counts < class_sizes, exact - counts, -np.inf)
+        counts[int(np.argmax(room))] += 1
+    while counts.sum() > size:
+        spare = np.where(counts > 1, counts - exact, -np.inf)
+        counts[int(np.argmax(spare))] -= 1
+    return counts
+
+
+def evaluation_panel(ctx, size: int = PANEL_DEVICES) -> list[PanelDevice]:
+    """The run's evaluation panel: a pure function of the scenario (seed included)."""
+    population = ctx.population
+    ids = np.arange(population.size)
+    classes = population.class_index(ids)
+    sizes = np.bincount(classes, minlength=len(population.classes))
+    chosen: list[int] = []
+    for index, count in enumerate(panel_counts(sizes, size)):
+        if count:
+            members = ids[classes == index]
+            rng = rng_for(ctx.scenario.seed, "evaluation-panel", population.classes[index].name)
+            chosen.extend(int(d) for d in rng.choice(members, int(count), replace=False))
+    return [panel_device(ctx, d) for d in sorted(chosen)]
+
+
+def panel_device(ctx, device_id: int) -> PanelDevice:
+    device_class = ctx.population.class_of(device_id)
+    return PanelDevice(device_id, device_class.name, device_class.model_tier or ctx.scenario.training.model_tier,
+                       ctx.modalities_of(device_id), ctx.fog_of(device_id))
+
+
+def global_model(ctx, arrays_state: dict) -> PanelModel:
+    """A weight-sharing strategy's global model (every device runs the same weights)."""
+
+    def build() -> nn.Module:
+        model = ctx.new_model(ctx.scenario.training.model_tier)
+        model.load_state_dict(arrays_state)
+        return model
+
+    return PanelModel("global", build)
+
+
+def own_model(ctx, device: PanelDevice, device_state: dict, strip: Callable | None = None) -> PanelModel:
+    """A device's own model of its registered architecture; its initial model if it has
+    never trained one. ``strip`` removes what the state holds besides models."""
+    from .device_models import model_key, unpack
+
+    key = model_key(device.model_tier, device.modalities)
+    state = device_state.get(device.device_id)
+    weights = unpack(strip(state) if strip is not None and state is not None else state, key)
+
+    def build() -> nn.Module:
+        model = ctx.new_model(device.model_tier, modalities=device.modalities,
+                              seed=derive_seed(ctx.scenario.seed, "device-model", device.device_id, key))
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
+
+    return PanelModel(("device", device.device_id, key), build)
+
+
+def score_panel(ctx, panel: list[PanelDevice], model_of: Callable[[PanelDevice], PanelModel],
+                trained: Iterable[int] = ()) -> tuple[float, dict[str, float]]:
+    """Each panel device's test accuracy with the model ``model_of`` names, fed its own sensors."""
+    from .runtime.architectures import single_threaded
+    from .training import predict_logits
+
+    test = ctx.test_split
+    cache: dict[tuple, float] = {}
+    accuracies = np.empty(len(panel))
+    with single_threaded():
+        for i, device in enumerate(panel):
+            choice = model_of(device)
+            slot = (choice.key, device.modalities)
+            if slot not in cache:
+                predicted = predict_logits(choice.build(), test, device.modalities).argmax(1).numpy()
+                cache[slot] = float((predicted == test.labels).mean())
+            accuracies[i] = cache[slot]
+    return float(accuracies.mean()), panel_metrics(panel, accuracies, set(trained))
+
+
+def panel_metrics(panel: list[PanelDevice], accuracies: np.ndarray, trained: set[int]) -> dict[str, float]:
+    """The extra columns: participants, worst device, per sensor set, tier, class,
+    architecture (tier and sensors) and fog."""
+    metrics = {"accuracy_min": float(accuracies.min()), "evaluated_devices": float(len(panel))}
+    took_part = np.array([d.device_id in trained for d in panel])
+    metrics["panel_participants"] = float(took_part.sum())
+    if took_part.any():
+        metrics["accuracy_participants"] = float(accuracies[took_part].mean())
+
+    def means(prefix: str, group: Callable[[PanelDevice], object], name: Callable[[object], str]) -> dict:
+        keys = [group(d) for d in panel]
+        return {f"{prefix}{name(k)}": float(accuracies[[g == k for g in keys]].mean())
+                for k in sorted(set(keys), key=str)}
+
+    metrics |= {f"accuracy_{k}_devices": v for k, v in
+                means("", lambda d: d.modalities, "+".join).items()}
+    metrics |= means("accuracy_tier_", lambda d: d.model_tier, str)
+    metrics |= means("accuracy_class_", lambda d: d.device_class, str)
+    metrics |= means("accuracy_arch_", lambda d: (d.model_tier, d.modalities), lambda k: f"{k[0]}_{'+'.join(k[1])}")
+    fogs = [d.fog for d in panel]
+    if len({f for f in fogs if f is not None}) > 1:
+        per_fog = [accuracies[[f == fog for f in fogs]].mean() for fog in sorted({f for f in fogs if f is not None})]
+        metrics["accuracy_fog_min"], metrics["accuracy_fog_max"] = float(min(per_fog)), float(max(per_fog))
+    return metrics
