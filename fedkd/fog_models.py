@@ -29,7 +29,7 @@ from .alignment import alignment_loss, projection_head
 from .distill import kd_loss
 from .runtime.architectures import Architecture, new_model, single_threaded
 from .seeding import derive_seed
-from .training import accuracy, predict_logits, to_tensors, train_local
+from .training import predict_logits, to_tensors, train_local
 
 
 class FogModels:

@@ -32,20 +32,14 @@ import numpy as np
 from torch import nn
 
 from .seeding import derive_seed, rng_for
+from .sim.grid import NodeProfile
 
 # How many devices the evaluation panel holds by default.
 PANEL_DEVICES = 64
 
 
-@dataclass(frozen=True)
-class PanelDevice:
-    """A device of the evaluation panel, as registered: what it senses and runs, where it sits."""
-
-    device_id: int
-    device_class: str
-    model_tier: str
-    modalities: tuple[str, ...]
-    fog: int | None
+# A panel device as it registered: what it senses and runs, where it sits.
+PanelDevice = NodeProfile
 
 
 @dataclass(frozen=True)
@@ -101,12 +95,13 @@ def evaluation_panel(ctx, size: int = PANEL_DEVICES) -> list[PanelDevice]:
             members = ids[classes == index]
             rng = rng_for(ctx.scenario.seed, "evaluation-panel", population.classes[index].name)
             chosen.extend(int(d) for d in rng.choice(members, int(count), replace=False))
-    return [panel_device(ctx, d) for d in sorted(chosen)]
+    return [node_profile(ctx, d) for d in sorted(chosen)]
 
 
-def panel_device(ctx, device_id: int) -> PanelDevice:
+def node_profile(ctx, device_id: int) -> NodeProfile:
+    """What a device registers: its class, model tier, sensors and fog."""
     device_class = ctx.population.class_of(device_id)
-    return PanelDevice(device_id, device_class.name, device_class.model_tier or ctx.scenario.training.model_tier,
+    return NodeProfile(device_id, device_class.name, device_class.model_tier or ctx.scenario.training.model_tier,
                        ctx.modalities_of(device_id), ctx.fog_of(device_id))
 
 

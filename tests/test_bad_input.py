@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -118,13 +117,11 @@ def test_bad_input_exits_2_with_one_line_naming_file_and_key(outcomes, case):
 def test_an_alias_bomb_is_refused_quickly(outcomes):
     # Prepare: the bomb's file from the fixture (10 levels of 10 aliases: 10^10 nodes expanded).
     path, out, _ = outcomes["alias_bomb"]
-    # Execute
-    started = time.perf_counter()
+    # Execute: expanding it would take hours, so the timeout is the test of "quickly".
     proc = subprocess.run([sys.executable, "-m", "fedkd", "validate", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
-    # Assert: refused in the time the process takes to start; expanding it would take hours.
+    # Assert
     assert proc.returncode == 2 and "expand past" in proc.stderr
-    assert time.perf_counter() - started < 10
 
 
 def test_bad_input_leaves_an_existing_results_folder_as_it_was(tmp_path):

