@@ -24,6 +24,7 @@ Nothing here ever chooses between models by their test accuracy.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -106,8 +107,10 @@ def node_profile(ctx, device_id: int) -> NodeProfile:
 
 
 def global_model(ctx, arrays_state: dict) -> PanelModel:
-    """A weight-sharing strategy's global model (every device runs the same weights)."""
+    """A weight-sharing strategy's global model (every device runs the same weights): built
+    once, however many sensor sets the panel scores it with."""
 
+    @functools.cache
     def build() -> nn.Module:
         model = ctx.new_model(ctx.scenario.training.model_tier)
         model.load_state_dict(arrays_state)
