@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class RunTask:
         return self.scenario.strategies[self.index]
 
 
-def run_in_processes(tasks: list[RunTask], jobs: int, progress: ProgressFn | None = None) -> list[StrategyRun]:
-    """Run ``tasks`` on up to ``jobs`` worker processes; ``progress`` sees each run's last round."""
+def run_in_processes(tasks: list[RunTask], jobs: int,
+                     progress_for: Callable[[int], ProgressFn | None] = lambda seed: None) -> list[StrategyRun]:
+    """Run ``tasks`` on up to ``jobs`` worker processes; ``progress_for(seed)`` sees each run's
+    last round when it comes back."""
     level = logging.getLogger("flwr").level
     context = multiprocessing.get_context("spawn")
     runs: list[StrategyRun] = []
@@ -53,11 +56,9 @@ def run_in_processes(tasks: list[RunTask], jobs: int, progress: ProgressFn | Non
                 for future in finished:
                     run = future.result()
                     runs.append(run)
+                    progress = progress_for(run.seed)
                     if progress is not None and run.rounds:
-                        task = futures[future]
-                        label = run.label if len({t.scenario.seed for t in tasks}) == 1 else (
-                            f"{run.label} seed {run.seed}")
-                        progress(label, run.rounds[-1], task.scenario.rounds)
+                        progress(run.label, run.rounds[-1], futures[future].scenario.rounds)
         except BrokenProcessPool:
             raise FedkdError("a worker process died (out of memory?); the runs finished so far are "
                              "checkpointed: run the same command with --resume") from None

@@ -92,15 +92,18 @@ def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
                 done.append(run)
             else:
                 pending.append(RunTask(one, index, store, resumed=saved is not None))
-    tagged = (lambda seed: _tag_progress(progress, seed)) if progress is not None and len(seeds) > 1 else (
-        lambda seed: progress)
+    def progress_for(seed: int) -> ProgressFn | None:
+        return _tag_progress(progress, seed) if progress is not None and len(seeds) > 1 else progress
+
     if jobs > 1 and len(pending) > 1 and scenario.backend.kind == "inprocess":
-        done.extend(run_in_processes(pending, jobs, progress))
+        done.extend(run_in_processes(pending, jobs, progress_for))
     else:
-        apps: dict[int, ClientApp] = {}
+        apps: dict[int, ClientApp] = {}  # one ClientApp per seed's scenario, built when first needed
         for task in pending:
-            app = apps.setdefault(task.scenario.seed, make_client_app(task.scenario))
-            done.append(_run_strategy(task, app, tagged(task.scenario.seed)))
+            seed = task.scenario.seed
+            if seed not in apps:
+                apps[seed] = make_client_app(task.scenario)
+            done.append(_run_strategy(task, apps[seed], progress_for(seed)))
     order = {spec.run_label: i for i, spec in enumerate(scenario.strategies)}
     return sorted(done, key=lambda run: (order[run.label], run.seed))
 

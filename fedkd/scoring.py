@@ -142,7 +142,7 @@ def score_panel(ctx, panel: list[PanelDevice], model_of: Callable[[PanelDevice],
                 trained: Iterable[int] = ()) -> tuple[float, dict[str, float]]:
     """Each panel device's test accuracy with the model ``model_of`` names, fed its own sensors."""
     from .runtime.architectures import single_threaded
-    from .training import predict_logits
+    from .training import accuracy
 
     test = ctx.test_split
     cache: dict[tuple, float] = {}
@@ -152,8 +152,7 @@ def score_panel(ctx, panel: list[PanelDevice], model_of: Callable[[PanelDevice],
             choice = model_of(device)
             slot = (choice.key, device.modalities)
             if slot not in cache:
-                predicted = predict_logits(choice.build(), test, device.modalities).argmax(1).numpy()
-                cache[slot] = float((predicted == test.labels).mean())
+                cache[slot] = accuracy(choice.build(), test, device.modalities)
             accuracies[i] = cache[slot]
     return float(accuracies.mean()), panel_metrics(panel, accuracies, set(trained))
 

@@ -31,7 +31,7 @@ from ..sim.grid import PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
 from ..sim.world import OK, DeviceWorld
 from ..warm_start import warm_start_indices, warm_started
-from ..training import predict_logits
+from ..training import accuracy
 from .context import SimulationContext, simulation_context
 from .records import torch_state_dict
 
@@ -108,13 +108,9 @@ def global_model_columns(ctx: SimulationContext, shared: PanelModel) -> dict[str
     test, names = ctx.test_split, ctx.dataset.modality_names
     with single_threaded():
         model = shared.build()
-
-        def acc(modalities) -> float:
-            return float((predict_logits(model, test, modalities).argmax(1).numpy() == test.labels).mean())
-
-        columns = {"accuracy_all_modalities": acc(names)}
+        columns = {"accuracy_all_modalities": accuracy(model, test, names)}
         if len(names) > 1:
-            columns |= {f"accuracy_{m}": acc((m,)) for m in names}
+            columns |= {f"accuracy_{m}": accuracy(model, test, (m,)) for m in names}
     return columns
 
 
