@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned by constraints.txt: 2.13.0 is the CPU wheel on these machines (see README).
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	# hf: Hugging Face / Flower Datasets, so their tests run too (offline, on local files).
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,hf]"
 	touch $(STAMP)
 
 demo: setup

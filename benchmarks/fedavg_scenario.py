@@ -7,7 +7,8 @@ import logging
 def fedavg_scenario(path: str, rounds: int, per_round: int, devices: int | None = None):
     """``path``'s data, world and device classes; FedAvg only, ``per_round`` devices a round."""
     import flwr.supercore.logger  # noqa: F401 - Flower sets its log level on import; quiet it after
-    from fedkd.scenario import load_scenario, parse_scenario
+    from fedkd.scenario import parse_scenario
+    from fedkd.checks import load_scenario
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     raw = load_scenario(path).model_dump(mode="json")

@@ -25,7 +25,7 @@ def bare_loop(scenario, chosen_by_round: dict[int, list[int]]) -> float:
     import numpy as np
     import torch
 
-    from fedkd.runtime.context import simulation_context
+    from fedkd.context import simulation_context
     from fedkd.scoring import evaluation_panel, global_model, score_panel
     from fedkd.seeding import derive_seed
     from fedkd.training import train_local
@@ -70,7 +70,7 @@ def main() -> None:
 
     from fedavg_scenario import fedavg_scenario
     from fedkd.runner import run_scenario
-    from fedkd.runtime.context import simulation_context
+    from fedkd.context import simulation_context
 
     scenario = fedavg_scenario(args.scenario, args.rounds, args.per_round)
     ctx = simulation_context(scenario)

@@ -4,9 +4,15 @@ After every round a strategy completes, the server saves everything the rest
 of the run depends on to ``<out>/.checkpoint/<n>-<label>.pt``: the global
 arrays, the strategy's own state (``fedkd_state()``), the simulated world
 (clock, draw counter, batteries, availability, quality states, telemetry),
-the grid (the devices' travelling state, message counters) and the recorder
+the grid (message counters, the round its device-state store was committed at) and the recorder
 (the rounds and device rows so far). A strategy that has finished is saved
-once more, as its results only. ``fedkd simulate ... --resume`` skips the
+once more, as its results only. The devices' own state (their models) is not
+in the file: it lives in a store beside it, ``<out>/.state/<n>-<label>.sqlite``
+(:mod:`fedkd.sim.state_store`), which commits each round's rows before the
+round's file is written; the file names that round, and a resumed run rolls the
+store back to it. So a round's checkpoint writes what the round changed, not
+every device's model. The stores are removed with the checkpoints unless the
+run keeps them (``--keep-state``). ``fedkd simulate ... --resume`` skips the
 finished strategies and restarts the others from their last round; every
 draw in fedkd is keyed by (seed, round, device, ...), never by call order, so
 the resumed run writes the same ``rounds.csv`` as one that was never stopped.
@@ -20,10 +26,11 @@ MetricRecords are turned into those and tagged), written with ``torch.save``
 and read with ``torch.load(..., weights_only=True)``, which refuses anything
 else: opening a checkpoint never runs code. Each file is written to a temporary name and
 renamed into place (:func:`fedkd.report.atomic_write_bytes`), so a kill
-leaves the previous checkpoint whole.
+leaves the previous checkpoint whole; so does a full disk (one line, exit 2).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import re
@@ -37,6 +44,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from .errors import FedkdError
 from .report import atomic_write_bytes
 from .scenario import Scenario
+from .sim.state_store import FOLDER as STATE_FOLDER
+from .sim.state_store import SUFFIX as STATE_SUFFIX
+from .sim.state_store import holds_no_state, remove_store
 
 FOLDER = ".checkpoint"
 FORMAT = 1
@@ -78,8 +88,11 @@ class CheckpointStore:
     :meth:`exists` and :meth:`clear` cover every seed's files.
     """
 
-    def __init__(self, out_dir: str | Path, scenario: Scenario, seed: int | None = None):
+    def __init__(self, out_dir: str | Path, scenario: Scenario, seed: int | None = None, *,
+                 keep_state: bool = False):
         self.folder = Path(out_dir) / FOLDER
+        self.state_folder = Path(out_dir) / STATE_FOLDER
+        self.keep_state = keep_state  # leave the devices' state stores when the run is done
         self.seeds = scenario_seeds(scenario)
         self.seed = self.seeds[0] if seed is None else seed
         self.identity = run_identity(scenario, self.seed)
@@ -87,12 +100,27 @@ class CheckpointStore:
 
     def for_seed(self, seed: int) -> CheckpointStore:
         """The store of the same run that saves and loads ``seed``'s files."""
-        return CheckpointStore(self.folder.parent, self._scenario, seed)
+        return CheckpointStore(self.folder.parent, self._scenario, seed, keep_state=self.keep_state)
 
     def path(self, index: int, label: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         tag = f"seed{self.seed}-" if len(self.seeds) > 1 else ""
         return self.folder / f"{tag}{index}-{safe}.pt"
+
+    def state_path(self, index: int, label: str) -> Path:
+        """Where strategy ``index`` keeps its devices' state (:mod:`fedkd.sim.state_store`)."""
+        return self.state_folder / self.path(index, label).with_suffix(STATE_SUFFIX).name
+
+    def state_identity(self, label: str) -> dict[str, Any]:
+        """What a state store must have been written by to be resumed: this run, this strategy."""
+        return {**self.identity, "label": label}
+
+    def finished(self, index: int, label: str) -> None:
+        """Strategy ``index`` is saved as complete: its state store is no longer needed (kept with
+        ``keep_state`` if it holds any device's state)."""
+        path = self.state_path(index, label)
+        if not self.keep_state or holds_no_state(path):
+            remove_store(path)
 
     def exists(self) -> bool:
         return self.folder.is_dir() and any(self.folder.glob("*.pt"))
@@ -104,7 +132,14 @@ class CheckpointStore:
                    "run": run, "state": state}
         buffer = io.BytesIO()
         torch.save(encode(payload), buffer)
-        atomic_write_bytes(self.path(index, label), buffer.getvalue())
+        try:
+            atomic_write_bytes(self.path(index, label), buffer.getvalue())
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise CheckpointError(f"{self.path(index, label)}: disk full while writing the checkpoint "
+                                  f"({len(buffer.getvalue()):,} bytes); the last checkpoint is whole: "
+                                  "free space, then --resume") from None
 
     def load(self, index: int, label: str) -> dict[str, Any] | None:
         """Strategy ``index``'s checkpoint, checked against this run; None if there is none."""
@@ -134,8 +169,16 @@ class CheckpointStore:
             found.append((order, key, {"complete": bool(payload["complete"]), "rounds": max(rounds, 0)}))
         return {key: value for _, key, value in sorted(found, key=lambda item: item[0])}
 
-    def clear(self) -> None:
-        """Remove the checkpoint files (and temporaries a kill left behind), then the folder."""
+    def clear(self, keep_state: bool = False) -> None:
+        """Remove the checkpoint files (and temporaries a kill left behind), then the folder;
+        the devices' state stores too, unless ``keep_state``."""
+        if not keep_state and self.state_folder.is_dir():
+            for path in self.state_folder.glob(f"*{STATE_SUFFIX}"):
+                remove_store(path)
+            try:
+                self.state_folder.rmdir()
+            except OSError:
+                pass  # a file fedkd did not write
         if not self.folder.is_dir():
             return
         for path in list(self.folder.glob("*.pt")) + list(self.folder.glob(".*.pt.*.tmp")):

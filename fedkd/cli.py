@@ -11,13 +11,15 @@ import os
 import sys
 from pathlib import Path
 
+from .arguments import positive_int
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 EXIT_USAGE = 2
 
 # Modules that add a subcommand: each has `register(subparsers)`, which adds a
 # parser whose `func(args) -> int` runs it. Listed explicitly, imported lazily.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fedkd.dataview", "fedkd.compare")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fedkd.dataview", "fedkd.compare", "fedkd.sim.catalogue")
 
 
 def _progress_printer(stream):
@@ -51,11 +53,18 @@ def default_jobs() -> int:
 
 
 def cmd_validate(args) -> int:
-    from .scenario import load_scenario
+    from .checks import load_scenario
 
     scenario = load_scenario(args.scenario)
+    from .sizes import check_sizes
+
+    # Memory for the population and disk for the devices' state (in the default results folder).
+    check_sizes(scenario, args.scenario, Path("results") / scenario.name)
     print(f"{args.scenario}: ok ({scenario.name}: {scenario.population.devices:,} devices, "
           f"{scenario.rounds} rounds, strategies {[s.run_label for s in scenario.strategies]})")
+    from .data.checks import describe_data
+
+    print(describe_data(scenario))  # what the dataset became: worth a look for arrays / huggingface mappings
     return 0
 
 
@@ -99,10 +108,10 @@ def _seeds_option(args) -> list[int] | None:
 
 
 def cmd_simulate(args) -> int:
-    from .scenario import load_scenario
+    from .checks import load_scenario
 
     seeds = _seeds_option(args)
-    scenario = load_scenario(args.scenario)  # first: a malformed file is refused before torch loads
+    scenario = load_scenario(args.scenario)  # first: a malformed file is refused before anything runs
     from .checkpoint import CheckpointStore
     from .runner import baseline_label, simulate, with_overrides
 
@@ -117,7 +126,7 @@ def cmd_simulate(args) -> int:
     _announce_checkpoint(CheckpointStore(out_dir, scenario), args.resume)
     jobs = args.jobs or default_jobs()
     runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr), resume=args.resume,
-                             baseline=baseline, jobs=jobs)
+                             baseline=baseline, jobs=jobs, keep_state=args.keep_state)
     _print_runs(runs)
     print(f"results in {out_dir}/ ({', '.join(p.name for p in written)})")
     return 0
@@ -166,17 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--baseline", metavar="LABEL",
                      help="the strategy summary.json compares the others with, and whose final accuracy is the "
                           "target (default: the first weight-sharing strategy, else the first)")
-    sim.add_argument("--rounds", type=_positive_int, help="override the number of rounds")
+    sim.add_argument("--rounds", type=positive_int, help="override the number of rounds")
     sim.add_argument("--strategy", action="append", metavar="NAME",
                      help="run this strategy instead of the scenario's list (repeatable); "
                           "a registry name, module:Class or path/to/file.py:Class")
-    sim.add_argument("--backend", choices=["inprocess", "ray"], help="override the execution backend")
-    sim.add_argument("--jobs", type=_positive_int, metavar="N",
+    sim.add_argument("--backend", choices=["inprocess", "processes", "ray"], help="override the execution backend")
+    sim.add_argument("--jobs", type=positive_int, metavar="N",
                      help="(seed, strategy) runs side by side in N worker processes on the in-process "
                           "backend (default: $FEDKD_JOBS, else the cores this process may use; "
                           "1 runs them one by one in this process)")
     sim.add_argument("--resume", action="store_true",
                      help="continue the run checkpointed in the results folder from its last completed round")
+    sim.add_argument("--keep-state", action="store_true",
+                     help="keep the devices' own models (<out>/.state/, one SQLite file per strategy and seed) "
+                          "after the run, to inspect them; removed by default")
     sim.set_defaults(func=cmd_simulate)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -192,12 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).register(sub)
     return parser
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def error_line(exc: Exception) -> str:

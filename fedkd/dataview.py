@@ -10,17 +10,18 @@ Writes, into ``results/<name>/data/`` unless told otherwise:
 - ``modality_mix.csv``: the counts behind ``modality_mix.png``.
 
 Shards are computed exactly as a simulation computes them (the same
-:class:`fedkd.runtime.context.SimulationContext`), device by device, so a
+:class:`fedkd.context.SimulationContext`), device by device, so a
 population of a million devices costs only the devices shown.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .arguments import positive_int
 
 if TYPE_CHECKING:  # pandas is imported where used: `fedkd --help` should not pay for it
     import pandas as pd
@@ -59,12 +60,6 @@ def modality_mix_table(ctx, device_ids: np.ndarray) -> pd.DataFrame:
     return counts.sort_values(["modalities", "device_class"], ignore_index=True)
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def label_figure(table: pd.DataFrame, classes: tuple[str, ...], title: str) -> bytes:
     import matplotlib
     from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global figure registry
@@ -85,7 +80,9 @@ def label_figure(table: pd.DataFrame, classes: tuple[str, ...], title: str) -> b
     ax.set_title(title, fontsize=10)
     ax.legend(title="label", fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")
     fig.tight_layout()
-    return _png(fig)
+    from .report import png_bytes
+
+    return png_bytes(fig)
 
 
 def mix_figure(mix: pd.DataFrame, title: str) -> bytes:
@@ -110,7 +107,9 @@ def mix_figure(mix: pd.DataFrame, title: str) -> bytes:
     ax.set_title(title, fontsize=10)
     ax.legend(title="device class", fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    from .report import png_bytes
+
+    return png_bytes(fig)
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def write_data_view(scenario, out_dir: Path, num_devices: int = DEFAULT_DEVICES,
                     mix_devices: int = MIX_SAMPLE_DEVICES) -> DataView:
     """Compute the first ``num_devices`` shards and the modality mix; write the files atomically."""
     from .report import atomic_write_bytes
-    from .runtime.context import SimulationContext
+    from .context import SimulationContext
 
     ctx = SimulationContext(scenario)
     population = scenario.population.devices
@@ -149,7 +148,7 @@ def write_data_view(scenario, out_dir: Path, num_devices: int = DEFAULT_DEVICES,
 
 def cmd_data(args) -> int:
     from .errors import FedkdError
-    from .scenario import load_scenario
+    from .checks import load_scenario
 
     scenario = load_scenario(args.scenario)
     out_dir = Path(args.out) if args.out else Path("results") / scenario.name / "data"
@@ -168,15 +167,8 @@ def register(subparsers) -> None:
         "data", help="plot how a scenario deals its data: per-device labels and the modality mix")
     parser.add_argument("scenario", help="scenario YAML file")
     parser.add_argument("--out", help="folder (default: results/<scenario name>/data/)")
-    parser.add_argument("--devices", type=_positive_int, default=DEFAULT_DEVICES,
+    parser.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES,
                         help=f"devices whose label histograms to show (default {DEFAULT_DEVICES})")
     parser.set_defaults(func=cmd_data)
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value

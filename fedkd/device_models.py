@@ -12,9 +12,24 @@ from collections import OrderedDict
 import torch
 from flwr.app import ArrayRecord
 
-from .runtime.records import array_numpy
+from .protocol import array_numpy
+from .seeding import derive_seed
 
 SEP = "|"
+
+
+def device_model(ctx, device_id: int, tier: str, modalities: tuple[str, ...], state: ArrayRecord | None = None
+                 ) -> torch.nn.Module:
+    """Device ``device_id``'s own model of ``tier`` on ``modalities``: the weights it kept in
+    ``state`` when it has trained that model, else its initial weights (seeded by the run,
+    the device and the model, so every process builds the same)."""
+    key = model_key(tier, modalities)
+    model = ctx.new_model(tier, seed=derive_seed(ctx.scenario.seed, "device-model", device_id, key),
+                          modalities=modalities)
+    weights = unpack(state, key)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
 
 
 def model_key(tier: str, modalities: tuple[str, ...]) -> str:

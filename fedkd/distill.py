@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.base import Split
-from .training import to_tensors
+from .losses import kd_loss
+from .training import model_device, to_tensors
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -48,35 +48,18 @@ def entropy_reduction(logits: np.ndarray, weights: np.ndarray, temperature: floa
     return softmax(mean_probabilities(logits, weights), temperature)
 
 
-def confidence_weighted(logits: np.ndarray, weights: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Per-sample ensemble where each teacher counts by its confidence on that sample.
-
-    Confidence is the teacher's max probability; the target is the
-    confidence- and weight-weighted mean of probabilities.
-    """
-    probs = softmax(logits, temperature)
-    conf = probs.max(axis=-1) * np.asarray(weights, dtype=np.float64)[:, None]  # (devices, samples)
-    conf = conf / conf.sum(axis=0, keepdims=True)
-    return np.einsum("ds,dsc->sc", conf, probs)
-
-
-def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s distillation loss: T^2 * KL(target || softmax(student / T))."""
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    return F.kl_div(log_student, target_probs, reduction="batchmean") * temperature**2
-
-
 def distill_on(model: nn.Module, data: Split, modalities: Sequence[str], target_probs: np.ndarray, *,
                epochs: int, batch_size: int, learning_rate: float, temperature: float, seed: int) -> float:
     """Train ``model`` towards ``target_probs`` on ``data`` (no labels used). Returns the mean loss."""
-    inputs = to_tensors(data, modalities)
-    targets = torch.from_numpy(np.ascontiguousarray(target_probs, dtype=np.float32))
+    device = model_device(model)
+    inputs = to_tensors(data, modalities, device)
+    targets = torch.from_numpy(np.ascontiguousarray(target_probs, dtype=np.float32)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(len(targets), generator=generator)
+        order = torch.randperm(len(targets), generator=generator).to(device)  # drawn on the CPU
         for start in range(0, len(targets), batch_size):
             idx = order[start:start + batch_size]
             loss = kd_loss(model({m: x[idx] for m, x in inputs.items()}), targets[idx], temperature)

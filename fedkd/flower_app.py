@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from .runtime.client import make_client_app
 from .runtime.server import StrategyJob, run_job
-from .scenario import Scenario, load_scenario
+from .scenario import Scenario
+from .checks import load_scenario
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

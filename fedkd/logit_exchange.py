@@ -13,50 +13,111 @@ With ``public_pretrain_epochs`` > 0 a device whose model is new (its first
 task, or the first with a model size or sensor set it had not used) first
 trains it for that many epochs on labelled public samples, FedMD's transfer
 step: the first ``public_pretrain_samples`` (None: all) of the public split,
-as the client takes them (``fedkd.runtime.client.handle_logits``).
+as the client takes them (``logits_task`` below).
 ``fedkd_labels_read`` reports those samples.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from .codecs import decode_any, get_codec
+from .contract import DeviceCall, FedkdStrategy, PublicSet, StrategyEnv
+from .device_models import device_model, model_key, model_keys, pack
+from .distill import distill_on
 from .labels import labelled_public
-from .seeding import rng_for
-from .strategy_parts import NoClientEvaluation, weighted_reply_metrics
+from .protocol import FOG_MODEL, torch_state_dict
+from .seeding import derive_seed, rng_for
+from .training import predict_logits, train_local
+from .strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
 
 MESSAGE_TYPE = "train.logits"
 
 
-@dataclass(frozen=True)
-class PublicSet:
-    """What the server knows of the shared public set (it holds the same copy as the devices)."""
+def logits_task(call: DeviceCall) -> Message:
+    """One round of a logit-exchange strategy on one device (FedMD's loop, pipelined).
 
-    size: int
-    num_classes: int
-    seed: int
+    1. digest: distill the device's own model towards the server's targets on
+       the public samples they refer to (``target-indices``, ``targets``);
+    2. revisit: train on the device's private shard;
+    3. communicate: predict the public samples in ``public-indices`` with the
+       device's own sensors and send the logits through the chosen codec.
+    The device's model is its own (any architecture) and travels as its state.
+    """
+    ctx, device, scenario, message = call.ctx, call.device, call.scenario, call.message
+    device_id, server_round = call.device_id, call.server_round
+    config = call.config()
+    training = scenario.training
+    # A plan may ask for one of the device's sensors only, or another model size.
+    tier = str(config.get("model-tier", device.model_tier))
+    modalities = tuple(str(config["modality"]).split("+")) if "modality" in config else device.modalities
+    if not set(modalities) <= set(device.modalities):
+        raise ValueError(f"device {device_id} senses {device.modalities}, not {modalities}")
+    key = model_key(tier, modalities)
+    public = ctx.dataset.split("public")
+    lr = float(config.get("learning-rate", training.learning_rate))
+    per_sample = ctx.train_flops_per_sample(tier, modalities)
+    flops, distill_loss = 0.0, 0.0
+    state = call.state
+    fog_model = message.content.get(FOG_MODEL)
+    # A device that starts from its fog's model need not keep its own between rounds.
+    model = device_model(ctx, device_id, tier, modalities, state if fog_model is None else None)
+    if fog_model is not None:
+        model.load_state_dict({name: t.float() for name, t in torch_state_dict(fog_model).items()})
+    elif key not in model_keys(state) and int(config.get("public-pretrain-epochs", 0)) > 0:
+        # FedMD's transfer-learning step: a new device first learns the labelled public set
+        # (or the run's first public-pretrain-samples labelled samples, to bound the cost:
+        # the same ones other strategies with that label budget read, fedkd.labels).
+        epochs = int(config["public-pretrain-epochs"])
+        labelled = public.subset(labelled_public(scenario.seed, len(public),
+                                                 int(config.get("public-pretrain-samples", len(public)))))
+        train_local(model, labelled, modalities, epochs=epochs, batch_size=training.batch_size,
+                    learning_rate=lr, seed=derive_seed(scenario.seed, "pretrain", device_id),
+                    optimizer=training.optimizer)
+        flops += per_sample * len(labelled) * epochs
+    if "targets" in config:
+        target_idx = np.asarray(config["target-indices"], dtype=np.int64)
+        targets = decode_any(bytes(config["targets"]))
+        epochs = int(config.get("distill-epochs", 1))
+        distill_loss = distill_on(model, public.subset(target_idx), modalities, targets,
+                                  epochs=epochs, batch_size=training.batch_size, learning_rate=lr,
+                                  temperature=float(config.get("temperature", 1.0)),
+                                  seed=derive_seed(scenario.seed, "digest", server_round, device_id))
+        flops += per_sample * len(target_idx) * epochs
+    epochs = int(config.get("local-epochs", training.local_epochs))
+    outcome = train_local(model, device.data, modalities, epochs=epochs,
+                          batch_size=training.batch_size, learning_rate=lr,
+                          seed=derive_seed(scenario.seed, "train", server_round, device_id),
+                          optimizer=training.optimizer, self_distillation=training.self_distillation)
+    flops += per_sample * outcome.num_examples * epochs + outcome.extra_flops
+    public_idx = np.asarray(config["public-indices"], dtype=np.int64)
+    logits = predict_logits(model, public.subset(public_idx), modalities).numpy()
+    flops += ctx.forward_flops_per_sample(tier, modalities) * len(public_idx)
+    payload = get_codec(str(config.get("codec", "fp32"))).encode(logits)
+    return call.reply({
+        "logits": ConfigRecord({"payload": payload}),
+        "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
+                                 "distill-loss": distill_loss}),
+    }, flops, state=pack(state, key, model.state_dict()) if fog_model is None else None)
 
 
-class LogitExchange(NoClientEvaluation, Strategy):
+class LogitExchange(FedkdStrategy, NoClientEvaluation, Strategy):
     """Exchange logits on public samples; subclasses choose how to combine them."""
 
     shares_weights = False
+    device_tasks = {MESSAGE_TYPE: logits_task}
 
     def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  public_batch: int = 256, codec: str = "fp32", downlink_codec: str | None = None,
                  temperature: float = 1.0, distill_epochs: int = 1, local_epochs: int | None = None,
                  public_pretrain_epochs: int = 0, public_pretrain_samples: int | None = None):
-        if not 0 < fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        check_sampling(fraction_train, min_train_nodes, min_available_nodes)
         if public_pretrain_epochs < 0:
             raise ValueError(f"public_pretrain_epochs must be 0 or more, got {public_pretrain_epochs}")
         if public_pretrain_samples is not None and public_pretrain_samples < 1:
@@ -77,9 +138,10 @@ class LogitExchange(NoClientEvaluation, Strategy):
         # The public samples devices may be asked about (None: all); a subclass may hold some out.
         self.public_pool: np.ndarray | None = None
 
-    def fedkd_bind(self, public: PublicSet) -> None:
-        """Called by fedkd before the first round: the public set this run shares."""
-        self.public = public
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """Before the first round: the public set this run shares."""
+        super().fedkd_setup(env)
+        self.public = env.public
 
     def fedkd_labels_read(self) -> dict[str, np.ndarray]:
         """{purpose: the public samples whose labels this strategy reads}: the samples devices
@@ -87,7 +149,7 @@ class LogitExchange(NoClientEvaluation, Strategy):
         if self.public_pretrain_epochs <= 0:
             return {}
         if self.public is None:
-            raise RuntimeError(f"{type(self).__name__} needs fedkd_bind() with the public set first")
+            raise RuntimeError(f"{type(self).__name__} needs fedkd_setup() with the public set first")
         return {"transfer": labelled_public(self.public.seed, self.public.size, self._pretrain_count())}
 
     def _pretrain_count(self) -> int:
@@ -128,9 +190,8 @@ class LogitExchange(NoClientEvaluation, Strategy):
     def _sample(self, grid: Grid) -> list[int]:
         """This round's devices, as FedAvg samples them, in id order."""
         if self.public is None:
-            raise RuntimeError(f"{type(self).__name__} needs fedkd_bind() with the public set before round 1")
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+            raise RuntimeError(f"{type(self).__name__} needs fedkd_setup() with the public set before round 1")
+        node_ids = sample_devices(grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes)
         return sorted(node_ids)
 
     def _ask_public_batch(self, server_round: int) -> None:
@@ -141,7 +202,7 @@ class LogitExchange(NoClientEvaluation, Strategy):
 
     def _task(self, server_round: int, codec: str, local_epochs: int | None,
               targets: tuple[np.ndarray, np.ndarray] | None) -> ConfigRecord:
-        """The config a device's ``train.logits`` task reads (see fedkd.runtime.client.handle_logits)."""
+        """The config a device's ``train.logits`` task reads (``logits_task``)."""
         task = ConfigRecord({"server-round": server_round, "public-indices": self._asked_indices.tolist(),
                              "codec": codec, "temperature": float(self.temperature),
                              "distill-epochs": int(self.distill_epochs),

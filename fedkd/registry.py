@@ -28,7 +28,6 @@ from .errors import FedkdError
 
 STRATEGY_GROUP = "fedkd.strategies"
 ALLOCATOR_GROUP = "fedkd.allocators"
-ENTRY_POINT_GROUP = STRATEGY_GROUP  # the name earlier code imported
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class _Kind:
 
 
 def builtin_strategies() -> dict[str, str]:
-    from strategies import BUILTIN
+    from fedkd.strategies import BUILTIN
 
     return dict(BUILTIN)
 
@@ -199,8 +198,11 @@ def _description(module: ModuleType, cls: type) -> str:
 
 def resolve_strategy(name: str) -> StrategyRef:
     module, cls = _load_class(name, STRATEGY)
-    # The module flag is the contract; a class attribute serves a module that holds both kinds.
-    shares = getattr(module, "SHARES_WEIGHTS", getattr(cls, "shares_weights", True))
+    # The class says (``shares_weights``, fedkd.contract); else the older module flag; else a
+    # Flower strategy shares weights.
+    declared = [k.__dict__["shares_weights"] for k in cls.__mro__  # the contract's own default aside
+                if "shares_weights" in k.__dict__ and k.__module__ != "fedkd.contract"]
+    shares = declared[0] if declared else getattr(module, "SHARES_WEIGHTS", True)
     if not isinstance(shares, bool):
         raise FedkdError(f"{name}: SHARES_WEIGHTS must be True or False, got {shares!r}")
     return StrategyRef(name, cls, _description(module, cls), shares)

@@ -295,13 +295,14 @@ def _plot(rounds: pd.DataFrame, x: str, xlabel: str, title: str, references: fro
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 FAILURE_REASONS = ("deadline", "offline", "battery", "timeout", "invalid", "error")  # stacking order of the dropout bars
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """``fig`` laid out and rendered as PNG; a pyplot figure is closed (freed) after."""
     fig.tight_layout()
     with tempfile.SpooledTemporaryFile() as buf:
         fig.savefig(buf, format="png")
@@ -361,7 +362,7 @@ def _battery_plot(rounds: pd.DataFrame, devices: pd.DataFrame, title: str) -> by
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("simulated time (s)")
     axes[0, 0].set_title(f"{title}: battery, {covers}", fontsize="medium")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _dropouts_plot(rounds: pd.DataFrame, devices: pd.DataFrame, title: str) -> bytes | None:
@@ -388,7 +389,7 @@ def _dropouts_plot(rounds: pd.DataFrame, devices: pd.DataFrame, title: str) -> b
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("round")
     axes[0, 0].set_title(f"{title}: dropouts per round by reason")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def versions() -> dict[str, str]:

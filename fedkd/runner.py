@@ -15,15 +15,15 @@ from flwr.clientapp import ClientApp
 
 from .checkpoint import CheckpointStore, scenario_seeds
 from .errors import FedkdError
-from .references import check_references
+from .checks import check_references
 from .report import default_baseline, versions, write_results
 from .results import StrategyRun
-from .runtime.backends import run_backend
 from .runtime.client import make_client_app
-from .runtime.server import ProgressFn, StrategyJob, make_server_app
+from .runtime.server import ProgressFn
 from .scenario import Scenario, parse_scenario
-from .parallel import RunTask, run_in_processes
-from .sim.recorder import run_from_state, run_state
+from .sizes import check_sizes
+from .parallel import RunTask, run_in_processes, run_task
+from .sim.recorder import run_from_state
 
 
 def with_overrides(scenario: Scenario, path: str, *, seed: int | None = None, seeds: list[int] | None = None,
@@ -103,29 +103,13 @@ def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
             seed = task.scenario.seed
             if seed not in apps:
                 apps[seed] = make_client_app(task.scenario)
-            done.append(_run_strategy(task, apps[seed], progress_for(seed)))
+            done.append(run_task(task, apps[seed], progress_for(seed)))
     order = {spec.run_label: i for i, spec in enumerate(scenario.strategies)}
     return sorted(done, key=lambda run: (order[run.label], run.seed))
 
 
 def _tag_progress(progress: ProgressFn, seed: int) -> ProgressFn:
     return lambda label, record, total: progress(f"{label} seed {seed}", record, total)
-
-
-def _run_strategy(task: RunTask, client_app: ClientApp, progress: ProgressFn | None) -> StrategyRun:
-    scenario, spec, checkpoints = task.scenario, task.spec, task.checkpoints
-    sink: list[StrategyRun] = []
-    job = StrategyJob(scenario, spec, checkpoints, task.index, resume=task.resumed)
-    run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
-    if not sink:
-        raise RuntimeError(f"strategy {spec.run_label} finished without a result")
-    [run] = sink
-    # The server's recorder does not know the seed; set it before the final checkpoint, so a
-    # resumed run reads it back.
-    run.seed = scenario.seed
-    if checkpoints is not None:
-        checkpoints.save(task.index, spec.run_label, complete=True, run=run_state(run))
-    return run
 
 
 def baseline_label(scenario: Scenario, name: str | None) -> str:
@@ -140,17 +124,22 @@ def baseline_label(scenario: Scenario, name: str | None) -> str:
 
 
 def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: ProgressFn | None = None,
-             *, resume: bool = False, baseline: str | None = None, jobs: int = 1
+             *, resume: bool = False, baseline: str | None = None, jobs: int = 1, keep_state: bool = False
              ) -> tuple[list[StrategyRun], list[Path]]:
     """Run the scenario and write its results to ``out_dir``, checkpointing as it goes.
 
     Without ``resume`` an earlier checkpoint in ``out_dir`` is discarded first.
     ``baseline``: see :func:`baseline_label`; ``jobs``: see :func:`run_scenario`.
+    ``keep_state``: leave the devices' state stores in ``<out>/.state/`` (fedkd.sim.state_store).
     """
     baseline = baseline_label(scenario, baseline)  # an unknown name fails before anything runs
     seeds = scenario_seeds(scenario)
     started = time.perf_counter()
-    checkpoints = CheckpointStore(out_dir, scenario)
+    # Memory for the population, disk for the devices' state: refused now, in one line, if absurd.
+    runs_at_once = len(seeds) * len(scenario.strategies)
+    check_sizes(scenario, str(scenario_path), out_dir,
+                stores_at_once=runs_at_once if keep_state else max(1, min(jobs, runs_at_once)))
+    checkpoints = CheckpointStore(out_dir, scenario, keep_state=keep_state)
     if not resume:
         checkpoints.clear()
     runs = run_scenario(scenario, progress, checkpoints, resume, jobs)
@@ -163,5 +152,5 @@ def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: Pr
         "scenario_config": scenario.model_dump(mode="json"),
     }
     written = write_results(out_dir, runs, header, baseline=baseline)
-    checkpoints.clear()  # the results are whole: nothing left to resume
+    checkpoints.clear(keep_state=keep_state)  # the results are whole: nothing left to resume
     return runs, written

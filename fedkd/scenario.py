@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import FedkdError, ScenarioError
+from .errors import ScenarioError
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -49,6 +49,28 @@ class PartitionSpec(_Strict):
         None, description="share of devices per modality set, e.g. {camera: 0.6, sensor: 0.3, "
         "camera+sensor: 0.1}; used for devices whose class leaves `modalities` null"
     )
+    partitioner: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a Flower Datasets partitioner (flwr_datasets.partitioner), e.g. DirichletPartitioner, "
+        "or module:Class / file.py:Class; null = fedkd's own lazy partitioner (label_alpha ... disjoint)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the partitioner's parameters (num_partitions is the population size)"
+    )
+
+    @model_validator(mode="after")
+    def _one_partitioner(self) -> "PartitionSpec":
+        own = ("label_alpha", "samples_per_device", "quantity_sigma", "min_samples", "by_domain", "disjoint")
+        if self.partitioner is None:
+            if self.params:
+                raise ValueError("`params` are a Flower Datasets partitioner's; name it in `partitioner`")
+            return self
+        # Compared with the defaults, not model_fields_set: a scenario dumped and parsed again
+        # (command-line overrides, worker processes) sets every field.
+        mixed = [k for k in own if getattr(self, k) != type(self).model_fields[k].default]
+        if mixed:
+            raise ValueError(f"{mixed[0]} belongs to fedkd's own partitioner, not to {self.partitioner}; "
+                             "give the partitioner's parameters in `params`")
+        return self
 
     @field_validator("modality_mix")
     @classmethod
@@ -143,10 +165,18 @@ class DiurnalSpec(_Strict):
 
 
 class DeviceClassSpec(_Strict):
-    """A kind of device and its resources. Every number carries its unit in its name."""
+    """A kind of device and its resources. Every number carries its unit in its name.
+
+    ``profile`` / ``link`` name entries of the device catalogue (fedkd.sim.catalogue,
+    ``fedkd devices``), which fill in the keys they have figures for; keys the class
+    gives itself win. They come first so that an unknown name is the error reported.
+    """
 
     name: Annotated[str, Field(min_length=1)]
     share: Annotated[float, Field(gt=0, le=1)]
+    # exclude=True: the filled-in figures are what a run depends on (checkpoints, results).
+    profile: str | None = Field(None, exclude=True, description="a hardware profile of the device catalogue")
+    link: str | None = Field(None, exclude=True, description="a link profile of the device catalogue")
     modalities: list[str] | None = Field(None, description="modalities it senses; null = all")
     model_tier: Literal["tiny", "small", "base"] | None = None
     compute_flops: PositiveFloat = Field(description="mean sustained FLOP/s")
@@ -183,6 +213,29 @@ class DeviceClassSpec(_Strict):
     trace: str | None = Field(
         None, description="CSV replayed by the class's devices (format: fedkd.sim.traces, README)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalogue_figures(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and (raw.get("profile") is not None or raw.get("link") is not None):
+            from .sim.catalogue import class_figures  # pydantic only; when a class names an entry
+
+            return {**class_figures(raw.get("profile"), raw.get("link")), **raw}
+        return raw
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_known(cls, name: str | None) -> str | None:
+        from .sim.catalogue import check_name
+
+        return None if name is None else check_name("profile", name)
+
+    @field_validator("link")
+    @classmethod
+    def _link_known(cls, name: str | None) -> str | None:
+        from .sim.catalogue import check_name
+
+        return None if name is None else check_name("link", name)
 
     @field_validator("quality")
     @classmethod
@@ -247,6 +300,10 @@ class WorldSpec(_Strict):
         8.0, ge=0, lt=24, allow_inf_nan=False,
         description="hour of day at simulated time 0 (charging windows, solar, diurnal factors)"
     )
+    round_interval_s: PositiveFloat | None = Field(
+        None, description="a round starts every this many simulated seconds, or when the previous one ends if "
+        "later; devices idle, drain and charge in between; null = rounds back to back"
+    )
     telemetry: TelemetrySpec = TelemetrySpec()
 
 
@@ -301,10 +358,29 @@ class StrategySpec(_Strict):
 
 
 class BackendSpec(_Strict):
-    kind: Literal["inprocess", "ray"] = "inprocess"
+    kind: Literal["inprocess", "processes", "ray"] = "inprocess"
     address: str | None = Field(None, description="Ray cluster address; null = start one locally")
     executors: PositiveInt | None = Field(None, description="executor nodes; null = CPU count")
+    workers: PositiveInt | None = Field(
+        None, description="worker processes of the processes backend; null = the cores this process may use")
+    torch_device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where models train and predict; auto = cuda if torch sees a GPU, else cpu. "
+        "cpu by default: float results differ between devices")
     timeout_s: PositiveFloat = 3600.0
+    state_cache_mb: PositiveFloat = Field(
+        256.0, description="memory for the devices' own models (fedkd.sim.state_store); the rest stays on disk "
+        "in the results folder. How the run executes, not what it computes: results do not depend on it")
+
+    @field_validator("torch_device")
+    @classmethod
+    def _cuda_is_there(cls, device: str) -> str:
+        # Checked here, so a run asking for a GPU it cannot have stops before anything runs.
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("cuda: torch sees no CUDA device here; expected cpu or auto")
+        return device
 
 
 class TopologySpec(_Strict):
@@ -446,53 +522,7 @@ def load_yaml(path: str | Path) -> Any:
         raise ScenarioError(str(path), where, f"malformed YAML: {problem}") from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Load and validate a scenario file, including the data and strategy references."""
-    scenario = parse_scenario(load_yaml(path), str(path))
-    # Imported here: checking references needs the registries, which import torch.
-    from .references import check_references
-
-    _check_dataset_option_types(scenario, str(path))
-    try:
-        check_references(scenario, str(path))
-    except ScenarioError:
-        raise
-    except FedkdError as exc:
-        # A dataset that cannot be built from its options (a missing folder, say): name the option.
-        key = _dataset_option_named(scenario.data.options, str(exc))
-        if key is None:
-            raise
-        raise ScenarioError(str(path), key, str(exc)) from None
-    return scenario
-
-
-def _check_dataset_option_types(scenario: Scenario, path: str) -> None:
-    """Each ``data.options`` value against the type its dataset's constructor declares."""
-    import typing
-
-    from pydantic import TypeAdapter
-
-    from .data import dataset_class
-
-    try:
-        hints = typing.get_type_hints(dataset_class(scenario.data.dataset).__init__)
-    except Exception:  # noqa: BLE001 - an unknown dataset or unreadable hints: check_references reports
-        return
-    for key, value in scenario.data.options.items():
-        if key in hints:
-            try:
-                TypeAdapter(hints[key]).validate_python(value, strict=True)
-            except ValidationError:
-                expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
-                raise ScenarioError(path, f"data.options.{key}", f"expected {expected} (got {value!r})") from None
-
-
-def _dataset_option_named(options: dict[str, Any], message: str) -> str | None:
-    """The ``data.options`` key a dataset's error message is about, if it names one."""
-    for key, value in options.items():
-        named = message.startswith(f"{key}=")
-        if isinstance(value, str) and value:
-            named = named or message.startswith((value, str(Path(value))))
-        if named:
-            return f"data.options.{key}"
-    return None
+def read_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file on its own terms (keys, types, ranges). What it names
+    (datasets, strategies, partitioners) is checked by :func:`fedkd.checks.load_scenario`."""
+    return parse_scenario(load_yaml(path), str(path))

@@ -141,7 +141,7 @@ def own_model(ctx, device: PanelDevice, device_state: dict, strip: Callable | No
 def score_panel(ctx, panel: list[PanelDevice], model_of: Callable[[PanelDevice], PanelModel],
                 trained: Iterable[int] = ()) -> tuple[float, dict[str, float]]:
     """Each panel device's test accuracy with the model ``model_of`` names, fed its own sensors."""
-    from .runtime.architectures import single_threaded
+    from .threads import single_threaded
     from .training import accuracy
 
     test = ctx.test_split

@@ -54,16 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .losses import kd_loss
 from .models.multimodal import MultimodalNet
 from .seeding import derive_seed
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
-
-
-def kd_term(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || softmax(student / T)), averaged over the batch (Hinton et al.'s scaling)."""
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
 def self_distillation_loss(final_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor],
@@ -73,12 +68,12 @@ def self_distillation_loss(final_logits: torch.Tensor, aux_logits: Sequence[torc
     if len(aux_logits) != len(teacher_logits) or not aux_logits:
         raise ValueError("expected one teacher per auxiliary head, and at least one head")
     per_head = [F.cross_entropy(a, labels)
-                + kd_term(a, F.softmax(t.detach() / temperature, dim=-1), temperature)
+                + kd_loss(a, F.softmax(t.detach() / temperature, dim=-1), temperature)
                 for a, t in zip(aux_logits, teacher_logits)]
     loss = torch.stack(per_head).mean()
     if ensemble_teaches_final:
         ensemble = torch.stack([F.softmax(a.detach() / temperature, dim=-1) for a in aux_logits]).mean(0)
-        loss = loss + kd_term(final_logits, ensemble, temperature)
+        loss = loss + kd_loss(final_logits, ensemble, temperature)
     return loss
 
 

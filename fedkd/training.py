@@ -2,6 +2,10 @@
 
 Shuffling and initialisation take their randomness from explicit seeds, so a
 device's update is the same in any process and under any backend.
+
+Work runs where the model's parameters are (``backend.torch_device``; the
+context places new models): inputs follow the model, results come back on
+the CPU. Shuffles are drawn on the CPU, so a GPU run sees the same batches.
 """
 from __future__ import annotations
 
@@ -17,8 +21,16 @@ from .data.base import Split
 from .self_distill import AuxiliaryHeads
 
 
-def to_tensors(split: Split, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {m: torch.from_numpy(np.ascontiguousarray(split.inputs[m])) for m in modalities}
+def to_tensors(split: Split, modalities: Sequence[str],
+               device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The split's inputs as tensors, on ``device`` when given (else the CPU, sharing memory)."""
+    tensors = {m: torch.from_numpy(np.ascontiguousarray(split.inputs[m])) for m in modalities}
+    return tensors if device is None else {m: t.to(device) for m, t in tensors.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,11 @@ def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epo
     created at random (from ``seed``) for this call, trained only during it and
     dropped at the end: they are re-initialised every task and never carried
     over. Their FLOPs are returned as ``extra_flops``."""
-    inputs = to_tensors(data, modalities)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
+    device = model_device(model)
+    inputs = to_tensors(data, modalities, device)
+    labels = torch.from_numpy(data.labels.astype(np.int64)).to(device)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    heads = AuxiliaryHeads(model, seed) if self_distillation is not None else None
+    heads = AuxiliaryHeads(model, seed).to(device) if self_distillation is not None else None
     params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -53,7 +66,7 @@ def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epo
     total, batches = 0.0, 0
     with heads.attached() if heads is not None else nullcontext():
         for _ in range(epochs):
-            order = torch.randperm(len(labels), generator=generator)
+            order = torch.randperm(len(labels), generator=generator).to(device)
             for start in range(0, len(labels), batch_size):
                 idx = order[start:start + batch_size]
                 logits = model({m: x[idx] for m, x in inputs.items()})
@@ -76,10 +89,10 @@ def train_local(model: nn.Module, data: Split, modalities: Sequence[str], *, epo
 def predict_logits(model: nn.Module, data: Split, modalities: Sequence[str],
                    batch_size: int = 1024) -> torch.Tensor:
     model.eval()
-    inputs = to_tensors(data, modalities)
+    inputs = to_tensors(data, modalities, model_device(model))
     out = [model({m: x[s:s + batch_size] for m, x in inputs.items()})
            for s in range(0, len(data), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def accuracy(model: nn.Module, data: Split, modalities: Sequence[str]) -> float:

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from .labels import labelled_public
-from .runtime.architectures import single_threaded
+from .threads import single_threaded
 from .scenario import WarmStartSpec
 from .seeding import derive_seed
 from .training import train_local

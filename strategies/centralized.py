@@ -5,7 +5,7 @@ federated results are read against (what the same architectures reach when
 all data sit in one place). It sends no message to any device. After each
 round's (empty) training phase it trains, on the server, one model per
 architecture present in the population (model tier and sensors, as in
-:mod:`fedkd.runtime.architectures`) for ``local_epochs`` epochs (the
+:mod:`fedkd.architectures`) for ``local_epochs`` epochs (the
 scenario's by default) over the *whole* train split, each model fed the
 sensors of its architecture. The whole split, not the union of the devices'
 shards: lazily dealt shards may overlap and need not cover it, and the
@@ -26,14 +26,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedkd.runtime.architectures import (ArchitectureModels, new_model, population_architectures, single_threaded)
+from fedkd.architectures import ArchitectureModels
+from fedkd.threads import single_threaded
+from fedkd.strategy_parts import NoClientEvaluation
 from fedkd.seeding import derive_seed
 from fedkd.training import train_local
 
-SHARES_WEIGHTS = False  # one model per architecture: any mix of tiers and sensors
 
 
-class Centralized(ArchitectureModels, Strategy):
+class Centralized(ArchitectureModels, NoClientEvaluation, Strategy):
     def __init__(self, local_epochs: int | None = None, learning_rate: float | None = None):
         if local_epochs is not None and local_epochs < 1:
             raise ValueError(f"local_epochs must be positive, got {local_epochs}")
@@ -42,19 +43,13 @@ class Centralized(ArchitectureModels, Strategy):
         self.models = {}  # Architecture -> its model (torch)
         self.devices = {}  # Architecture -> devices of the population that run it
 
-    def fedkd_attach_server(self, ctx) -> None:
-        """Called by fedkd before round 1: the pooled data, and one fresh model per architecture."""
-        self.ctx = ctx
-        self.devices = population_architectures(ctx)
-        self.models = {arch: new_model(ctx, arch) for arch in self.devices}
-
     def summary(self) -> None:
         log(INFO, "\t├──> Centralized: %d architectures on the pooled train split", len(self.models))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.ctx is None:
-            raise RuntimeError("Centralized needs fedkd_attach_server() with the server's context before round 1")
+            raise RuntimeError("Centralized needs fedkd_setup() with the server's context before round 1")
         return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -69,10 +64,3 @@ class Centralized(ArchitectureModels, Strategy):
                                   optimizer=training.optimizer).mean_loss
                       for arch, model in sorted(self.models.items())]
         return None, MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": len(train)})
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None

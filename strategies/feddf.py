@@ -4,7 +4,7 @@ Lin et al., "Ensemble Distillation for Robust Model Fusion in Federated
 Learning", NeurIPS 2020, https://arxiv.org/abs/2006.07242.
 
 An architecture is a model tier *and* a sensor set (a sensor-only mote never
-receives a camera encoder; :mod:`fedkd.runtime.architectures` says why).
+receives a camera encoder; :mod:`fedkd.architectures` says why).
 Each round the server sends every sampled device the global model of its own
 architecture (learnt from ``grid.node_profiles``) and the device trains it on
 its shard (client task ``train.architecture``). The server then
@@ -75,15 +75,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, validate_message_reply_consistency
 from flwr.supercore import log
 
+from fedkd.contract import StrategyEnv
 from fedkd.data.base import Split
 from fedkd.distill import kd_loss, mean_logits, softmax
 from fedkd.labels import labelled_public, unlabelled_public
-from fedkd.runtime.architectures import (ArchitectureModels, TRAIN_OWN_ARCHITECTURE, Architecture, new_model,
-                                         population_architectures, single_threaded)
+from fedkd.architectures import ArchitectureModels, TRAIN_OWN_ARCHITECTURE, Architecture, new_model
+from fedkd.threads import single_threaded
 from fedkd.seeding import derive_seed, rng_for
+from fedkd.strategy_parts import NoClientEvaluation
 from fedkd.training import predict_logits, to_tensors
 
-SHARES_WEIGHTS = False  # weights are averaged only within an architecture: any mix of tiers and sensors
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def train_with_patience(model: torch.nn.Module, step: Callable[[], float], score
     return PatienceRun(len(losses), best_step, tuple(checks), float(np.mean(losses)) if losses else math.nan)
 
 
-class FedDF(ArchitectureModels, FedAvg):
+class FedDF(ArchitectureModels, NoClientEvaluation, FedAvg):
     def __init__(self, public_batch: int = 512, distill_steps: int = 500, patience: int = 100,
                  eval_every: int = 20, distill_batch_size: int = 128, temperature: float = 1.0,
                  distill_learning_rate: float = 1e-3, validation_samples: int = 200,
@@ -170,11 +171,11 @@ class FedDF(ArchitectureModels, FedAvg):
     def distills(self) -> bool:
         return (self.distill_steps if self.distill_epochs is None else self.distill_epochs) > 0
 
-    def fedkd_attach_server(self, ctx) -> None:
-        """Called by fedkd before round 1: the server's data, and one fresh model per architecture."""
-        self.ctx = ctx
-        self.devices = population_architectures(ctx)
-        self.models = {arch: new_model(ctx, arch) for arch in self.devices}
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """Before round 1: the server's data, one fresh model per architecture, and which
+        public samples validate."""
+        super().fedkd_setup(env)
+        ctx = env.ctx
         # The run's first labelled public samples validate; the rest is unlabelled distillation data
         # (at least one sample stays unlabelled).
         size = len(ctx.dataset.split("public"))
@@ -198,7 +199,7 @@ class FedDF(ArchitectureModels, FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.ctx is None:
-            raise RuntimeError("FedDF needs fedkd_attach_server() with the server's context before round 1")
+            raise RuntimeError("FedDF needs fedkd_setup() with the server's context before round 1")
         sampled = list(super().configure_train(server_round, arrays, config, grid))  # FedAvg's sampling
         nodes = sorted(m.metadata.dst_node_id for m in sampled)
         profiles = grid.node_profiles(nodes)
@@ -233,10 +234,6 @@ class FedDF(ArchitectureModels, FedAvg):
             metrics["distill-steps"] = float(np.mean([r.steps for r in runs.values()]))
         # Several global models, none of them "the" model: the arrays Flower carries stay unused.
         return None, metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []  # scored per architecture on the server (fedkd_evaluate)
 
     # -- ensemble distillation ----------------------------------------------------
     def teacher(self, server_round: int, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ Disentangled Model Training", ACM MobiSys 2023,
 https://doi.org/10.1145/3581791.3596844; averaging as in FedAvg (McMahan et
 al. 2017, https://arxiv.org/abs/1602.05629).
 
-:class:`strategies.fedavg_modal.FedAvgModal` on top of Flower's own
+:class:`fedkd.strategies.fedavg_modal.FedAvgModal` on top of Flower's own
 ``FedProx``: Flower's ``FedProx.configure_train`` puts ``proximal-mu`` in the
 train config, then the per-device slicing and the per-parameter aggregation of
 ``fedavg_modal`` apply. fedkd's client adds (mu / 2) * ||w - w_global||^2 over
@@ -16,7 +16,7 @@ only the device's own encoders and the head towards the global model.
 """
 from flwr.serverapp.strategy import FedProx
 
-from strategies.fedavg_modal import FedAvgModal
+from fedkd.strategies.fedavg_modal import FedAvgModal
 
 SHARES_WEIGHTS = True  # one shared multimodal model; the server keeps every encoder
 

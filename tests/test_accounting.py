@@ -21,9 +21,10 @@ from fedkd.codecs import get_codec
 from fedkd.data.base import Split
 from fedkd.results import StrategyRun
 from fedkd.runtime.backends import run_backend
-from fedkd.runtime.client import HANDLERS
-from fedkd.runtime.context import simulation_context
-from fedkd.runtime.records import COST, STATE, task_of
+from fedkd.contract import DeviceCall
+from fedkd.device_tasks import tasks_of
+from fedkd.context import simulation_context
+from fedkd.protocol import COST, STATE, task_of
 from fedkd.runtime.server import StrategyJob, make_server_app
 from fedkd.scenario import parse_scenario
 from fedkd.training import train_local
@@ -40,14 +41,15 @@ def recording_client(scenario, replies: Replies) -> ClientApp:
     def recorded(handler):
         def run(message: Message, context) -> Message:
             torch.set_num_threads(1)  # as fedkd's client does
-            reply = handler(scenario, message)
+            reply = handler(DeviceCall(simulation_context(scenario), message))
             task = task_of(message)
             replies[(int(task["round"]), int(task["device_id"]), message.metadata.message_type)] = reply
             return reply
 
         return run
 
-    for (category, action), handler in HANDLERS.items():
+    for message_type, (_, handler) in tasks_of(s.name for s in scenario.strategies).items():
+        category, _, action = message_type.partition(".")
         register = getattr(app, category)
         (register(action) if action else register())(recorded(handler))
     return app
@@ -136,7 +138,7 @@ def config_bytes_framing(key: str, payload_len: int) -> int:
 
 def test_a_logit_replys_bytes_up_is_the_codecs_size_plus_the_stated_overhead(tiny_runs):
     # Where bytes are counted: the simulated grid (fedkd.sim.grid, _run_phase) takes
-    # payload_bytes(reply.content) (fedkd.runtime.records): Flower's serialised objects of every
+    # payload_bytes(reply.content) (fedkd.protocol): Flower's serialised objects of every
     # record the strategy sees, fedkd's own "fedkd." records (the FLOPs, the device's state) left
     # out. The world moves exactly those bytes up (a completed uplink moves all of them).
     runs, replies, scenario = tiny_runs

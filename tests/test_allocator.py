@@ -30,7 +30,7 @@ def test_builtin_allocator_resolves_by_name():
 
 @pytest.mark.parametrize("name, message", [
     ("fedavg", "unknown allocator 'fedavg'; expected one of ['all_in', 'resource_aware']"),
-    ("strategies.fedavg:FedAvg", "is not an allocator (a subclass of fedkd.allocator.Allocator)"),
+    ("fedkd.strategies.fedavg:FedAvg", "is not an allocator (a subclass of fedkd.allocator.Allocator)"),
     ("fedkd.allocator:Allocator", "is abstract: it does not implement allocate"),
 ])
 def test_a_name_that_is_not_an_allocator_is_one_line(name, message):

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from fedkd.runtime.architectures import Architecture, population_architectures
-from fedkd.runtime.context import SimulationContext
+from fedkd.architectures import Architecture, population_architectures
+from fedkd.context import SimulationContext
 from fedkd.scenario import parse_scenario
 
 from .conftest import TINY

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fedkd.cli import error_line
 from fedkd.errors import ScenarioError
-from fedkd.scenario import load_scenario
+from fedkd.checks import load_scenario
 
 from .conftest import REPO, TINY
 

@@ -6,14 +6,16 @@ import copy
 import numpy as np
 import pandas as pd
 
+from fedkd.contract import StrategyEnv
 from fedkd.cli import main
 from fedkd.report import REFERENCE_STRATEGIES, _plot
-from fedkd.runtime.architectures import Architecture, new_model, single_threaded
-from fedkd.runtime.context import SimulationContext
+from fedkd.architectures import Architecture, new_model
+from fedkd.threads import single_threaded
+from fedkd.context import SimulationContext
 from fedkd.scenario import parse_scenario
 from fedkd.seeding import derive_seed
 from fedkd.training import train_local
-from strategies.centralized import Centralized
+from fedkd.strategies.centralized import Centralized
 
 from .conftest import TINY
 
@@ -22,7 +24,7 @@ def test_one_round_is_local_training_on_the_whole_train_split_per_architecture()
     # Prepare
     ctx = SimulationContext(parse_scenario(copy.deepcopy(TINY)))
     strategy = Centralized(local_epochs=1)
-    strategy.fedkd_attach_server(ctx)
+    strategy.fedkd_setup(StrategyEnv.of(ctx))
     audio = Architecture("small", ("audio",))
     expected = new_model(ctx, audio)
     with single_threaded():

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from fedkd.cli import main
-from fedkd.runtime.context import SimulationContext
+from fedkd.context import SimulationContext
 from fedkd.scenario import parse_scenario
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.distill import confidence_weighted, entropy_reduction, kd_loss, mean_logits, mean_probabilities
+from fedkd.distill import entropy_reduction, kd_loss, mean_logits, mean_probabilities
 
 
 def logits_of(probs) -> np.ndarray:
@@ -32,13 +32,6 @@ def test_entropy_reduction_sharpens_the_average():
     out = entropy_reduction(np.stack([logits_of([[0.8, 0.2]]), logits_of([[0.4, 0.6]])]), np.ones(2), 0.1)
     assert out[0, 0] == pytest.approx(1 / (1 + math.exp(-2)))
     assert out.sum() == pytest.approx(1.0)
-
-
-def test_confidence_weighted_ensemble():
-    # A: [0.9, 0.1] (confidence 0.9); B: [0.4, 0.6] (confidence 0.6):
-    # (0.9 * [0.9, 0.1] + 0.6 * [0.4, 0.6]) / 1.5 = [0.7, 0.3].
-    out = confidence_weighted(np.stack([logits_of([[0.9, 0.1]]), logits_of([[0.4, 0.6]])]), np.ones(2))
-    assert out == pytest.approx(np.array([[0.7, 0.3]]))
 
 
 def test_kd_loss_is_zero_when_the_student_matches_and_positive_otherwise():

@@ -18,16 +18,17 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedkd.contract import StrategyEnv
 from fedkd.codecs import get_codec
 from fedkd.logit_exchange import PublicSet
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import COST, STATE, task_of
+from fedkd.protocol import COST, STATE, task_of
 from fedkd.scenario import PopulationSpec, WorldSpec
 from fedkd.sim.grid import SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld
-from strategies.fedmd import FedMD
+from fedkd.strategies.fedmd import FedMD
 
 BAD_DEVICE = 1
 CLASSES = 3
@@ -141,7 +142,7 @@ def test_inprocess_grid_gives_up_on_a_call_after_its_timeout():
     app = weights_client("hang")
     grid = InProcessGrid(app)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    from fedkd.runtime.records import with_task
+    from fedkd.protocol import with_task
 
     content = with_task(RecordDict({"arrays": ArrayRecord([np.zeros(2, dtype=np.float32)])}), BAD_DEVICE, 1, 0)
     message = Message(content, grid.get_node_ids()[0], "train")
@@ -188,7 +189,7 @@ def test_garbage_logits_fail_as_invalid_and_never_reach_the_targets(kind):
     # Prepare
     grid, recorder = make_grid(logits_client(kind), num_classes=CLASSES)
     strategy = FedMD(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, public_batch=4)
-    strategy.fedkd_bind(PublicSet(size=10, num_classes=CLASSES, seed=0))
+    strategy.fedkd_setup(StrategyEnv(public=PublicSet(size=10, num_classes=CLASSES, seed=0)))
     # Execute
     strategy.start(grid, ArrayRecord(), num_rounds=1, evaluate_fn=close(recorder))
     # Assert: the consensus of devices 0 and 2 (logits all 0 and all 2: uniform probabilities).
@@ -208,7 +209,7 @@ def test_garbage_logits_fail_as_invalid_and_never_reach_the_targets(kind):
 def test_arrays_read_in_place_equal_flowers_reading(values):
     from flwr.app import Array
 
-    from fedkd.runtime.records import array_numpy
+    from fedkd.protocol import array_numpy
 
     read = array_numpy(Array(values))
     assert read.dtype == values.dtype

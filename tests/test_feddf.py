@@ -12,18 +12,19 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedkd.contract import StrategyEnv
 from fedkd.cli import main
 from fedkd.labels import labelled_public, unlabelled_public
-from fedkd.runtime.architectures import Architecture
-from fedkd.runtime.context import SimulationContext
+from fedkd.architectures import Architecture
+from fedkd.context import SimulationContext
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import task_of
+from fedkd.protocol import task_of
 from fedkd.scenario import PopulationSpec, WorldSpec, parse_scenario
 from fedkd.sim.grid import NodeProfile, SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld
-from strategies.feddf import FedDF, train_with_patience
+from fedkd.strategies.feddf import FedDF, train_with_patience
 
 from .conftest import TINY
 from .test_grid import close
@@ -72,7 +73,7 @@ def profile(device: int) -> NodeProfile:
 def run_feddf(strategy: FedDF, client: ClientApp, rounds: int = 1) -> RoundRecorder:
     RECEIVED.clear()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    strategy.fedkd_attach_server(SimulationContext(parse_scenario(mixed_tiny())))
+    strategy.fedkd_setup(StrategyEnv.of(SimulationContext(parse_scenario(mixed_tiny()))))
     cls = {"name": "dev", "share": 1.0, "compute_flops": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e6,
            "jitter_sigma": 0.0, "availability": {"mean_online_s": 1e12, "mean_offline_s": 1e-3}}
     world = DeviceWorld(Population(PopulationSpec(devices=4, classes=[cls]), 0), WorldSpec(), 0)
@@ -142,7 +143,7 @@ def test_validation_keeps_the_fused_model_when_distilling_would_hurt():
     # set, with a logit of 1; the camera favours `rare`, the least frequent, with a logit of 20.
     # The teacher (mean logits: common 0.75, rare 5) says `rare`; a large distillation step follows it.
     probe = FedDF(validation_samples=50)
-    probe.fedkd_attach_server(SimulationContext(parse_scenario(mixed_tiny())))
+    probe.fedkd_setup(StrategyEnv.of(SimulationContext(parse_scenario(mixed_tiny()))))
     counts = np.bincount(probe.ctx.dataset.split("public").labels[probe._validation], minlength=10)
     common, rare = int(counts.argmax()), int(counts.argmin())
     assert counts[rare] < counts[common]
@@ -215,7 +216,7 @@ def test_a_teacher_that_only_hurts_is_given_up_after_the_patience():
     # The phones favour the validation set's most common class, the camera its rarest, loudly: the
     # teacher says `rare` and every check after the start scores below the fused model.
     probe = FedDF(validation_samples=50)
-    probe.fedkd_attach_server(SimulationContext(parse_scenario(mixed_tiny())))
+    probe.fedkd_setup(StrategyEnv.of(SimulationContext(parse_scenario(mixed_tiny()))))
     counts = np.bincount(probe.ctx.dataset.split("public").labels[probe._validation], minlength=10)
     common, rare = int(counts.argmax()), int(counts.argmin())
     bias = {d: np.eye(10)[common].tolist() for d in range(3)} | {3: (20 * np.eye(10)[rare]).tolist()}
@@ -245,8 +246,8 @@ def test_validation_is_the_runs_labelled_public_samples_and_never_distilled_on()
     size, seed = len(ctx.dataset.split("public")), ctx.scenario.seed
     strategy, none = FedDF(validation_samples=30), FedDF(validation_samples=0)
     # Execute
-    strategy.fedkd_attach_server(ctx)
-    none.fedkd_attach_server(ctx)
+    strategy.fedkd_setup(StrategyEnv.of(ctx))
+    none.fedkd_setup(StrategyEnv.of(ctx))
     # Assert: the first 30 of the run's labelled order (what any strategy with 30 labels reads),
     # the rest is the distillation pool; reported as read for validation.
     assert np.array_equal(strategy._validation, labelled_public(seed, size, 30))

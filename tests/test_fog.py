@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fedkd.fog import blend, confidence, cross_modal_targets, merge_fog_targets, reliability
+from fedkd.strategies.ra_cmkd.fog import blend, confidence, cross_modal_targets, merge_fog_targets, reliability
 
 
 def logits_of(*rows) -> np.ndarray:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.alignment import alignment_loss, head_parameters, info_nce, projection_head
-from fedkd.fog_models import FogModels
-from fedkd.runtime.architectures import Architecture
-from fedkd.runtime.context import SimulationContext
+from fedkd.strategies.ra_cmkd.alignment import alignment_loss, info_nce, projection_head
+from fedkd.strategies.ra_cmkd.fog_models import FogModels
+from fedkd.architectures import Architecture
+from fedkd.context import SimulationContext
 from fedkd.scenario import Scenario
 from fedkd.training import accuracy, predict_logits
 
@@ -24,6 +24,10 @@ def test_info_nce_by_hand():
     assert float(info_nce(a, a, temperature=0.5)) == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
     # Swapped pairs: each row's right partner scores e^0 against e^2: log(1 + e^2).
     assert float(info_nce(a, a.flip(0), temperature=0.5)) == pytest.approx(math.log(1 + math.exp(2)), rel=1e-6)
+
+
+def head_parameters(tier: str, out_dim: int) -> int:
+    return sum(p.numel() for p in projection_head(tier, out_dim, 0).parameters())
 
 
 def test_heads_are_sized_by_tier():

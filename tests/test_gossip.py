@@ -14,18 +14,25 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.cli import main
 from fedkd.codecs import decode_any, get_codec
-from fedkd.runtime.context import simulation_context
-from fedkd.runtime.gossip_client import (FROM, GOSSIP, REPLY, Teacher, handle_gossip, public_batch, strip_heads,
+from fedkd.context import simulation_context
+from fedkd.strategies.gossip_kd.device import (FROM, GOSSIP, REPLY, Teacher, public_batch, strip_heads,
                                          train_with_neighbours)
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import COST, STATE, cost_record, payload_bytes, task_of, with_task
+from fedkd.protocol import COST, STATE, cost_record, payload_bytes, task_of, with_task
 from fedkd.scenario import PopulationSpec, WorldSpec, parse_scenario
 from fedkd.sim.grid import SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld, TaskCost
 from fedkd.training import predict_logits
-from strategies.gossip_kd import GossipKD, disagreement
+from fedkd.strategies.gossip_kd import GossipKD, disagreement
+from fedkd.contract import DeviceCall, StrategyEnv
+
+
+def gossip_task_of(scenario, message):
+    from fedkd.strategies.gossip_kd.device import gossip_task as device_task
+
+    return device_task(DeviceCall(simulation_context(scenario), message))
 
 from .conftest import TINY
 
@@ -108,9 +115,9 @@ def run_ring(rounds: int, fail: tuple[int, int] | None = None):
     recorder = RoundRecorder("gossip_kd", "gossip_kd", world)
     grid = SimulatedGrid(InProcessGrid(ring_client(fail)), world, recorder, seed=0, timeout_s=60)
     strategy = GossipKD(topology="ring", public_batch=4, codec="fp32")
-    strategy.fedkd_attach_server(SimpleNamespace(population=SimpleNamespace(size=3), scenario=SimpleNamespace(seed=0)))
+    strategy.fedkd_setup(StrategyEnv(SimpleNamespace(population=SimpleNamespace(size=3), scenario=SimpleNamespace(seed=0))))
     strategy.start(grid, ArrayRecord(), num_rounds=rounds,
-                   evaluate_fn=lambda rnd, arrays: recorder.close_round(rnd, 0.0, grid.d2d_traffic(rnd)) and None)
+                   evaluate_fn=lambda rnd, arrays: recorder.close_round(rnd, 0.0, {}) and None)
     return recorder.run
 
 
@@ -203,8 +210,8 @@ def test_the_device_distills_each_neighbours_samples_once_per_epoch(tiny):
     device = ctx.device(0)
     heard = {1: np.zeros((8, 10), np.float32), 2: np.ones((8, 10), np.float32)}
     # Execute
-    alone = handle_gossip(tiny, gossip_task(0, 2, {}))
-    taught = handle_gossip(tiny, gossip_task(0, 2, heard))
+    alone = gossip_task_of(tiny, gossip_task(0, 2, {}))
+    taught = gossip_task_of(tiny, gossip_task(0, 2, heard))
     # Assert: 2 epochs over 2 x 8 public samples more, at the training cost of one sample each.
     per_sample = ctx.train_flops_per_sample(device.model_tier, device.modalities)
     assert float(taught.content[COST]["flops"]) - float(alone.content[COST]["flops"]) == 2 * 16 * per_sample
@@ -228,9 +235,9 @@ def _model_of(ctx, device_id, state):
 def test_auxiliary_heads_one_per_neighbour_stay_in_the_devices_state(tiny):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     heard = {1: np.zeros((8, 10), np.float32), 5: np.ones((8, 10), np.float32)}
-    first = handle_gossip(tiny, gossip_task(0, 2, heard, aux_heads=True))
+    first = gossip_task_of(tiny, gossip_task(0, 2, heard, aux_heads=True))
     # Next round only device 5 speaks: the head for device 1 is kept, unchanged.
-    second = handle_gossip(tiny, gossip_task(0, 3, {5: heard[5]}, aux_heads=True, state=first.content[STATE]))
+    second = gossip_task_of(tiny, gossip_task(0, 3, {5: heard[5]}, aux_heads=True, state=first.content[STATE]))
     names = list(second.content[STATE].keys())
     heads = sorted(n.split("|")[-1] for n in names if "|aux." in n)
     assert heads == ["aux.1.bias", "aux.1.weight", "aux.5.bias", "aux.5.weight"]

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import STATE, task_of
+from fedkd.protocol import STATE, task_of
 from fedkd.scenario import PopulationSpec, WorldSpec
 from fedkd.sim.grid import PopulationExhausted, SimulatedGrid
 from fedkd.sim.population import Population
@@ -98,6 +98,29 @@ def test_device_state_travels_with_the_task_and_is_hidden_from_the_strategy():
     FedAvg(fraction_evaluate=0.0, min_available_nodes=3).start(
         grid, ArrayRecord([np.zeros(2, dtype=np.float32)]), num_rounds=3, evaluate_fn=close(recorder))
     assert {d: int(s["visits"].numpy()[0]) for d, s in grid.device_state.items()} == {0: 3, 1: 3, 2: 3}
+
+
+def test_device_state_travels_from_a_store_on_disk_and_each_round_is_tagged(tmp_path):
+    # Prepare: a store with no cache at all, so every state the grid sends is read from its file.
+    from fedkd.sim.state_store import DeviceStateStore
+
+    store = DeviceStateStore(tmp_path / "state.sqlite", cache_mb=0)
+    grid, recorder = make_grid(fake_client())
+    grid.device_state = store
+
+    def close_and_commit(rnd, arrays):
+        recorder.close_round(rnd, 0.0, {})
+        store.flush(rnd)
+        store.checkpointed(rnd)
+
+    # Execute
+    FedAvg(fraction_evaluate=0.0, min_available_nodes=3).start(
+        grid, ArrayRecord([np.zeros(2, dtype=np.float32)]), num_rounds=3, evaluate_fn=close_and_commit)
+    # Assert: three visits each, one row per device (older versions pruned), written in round 3.
+    assert {d: int(s["visits"].numpy()[0]) for d, s in store.items()} == {0: 3, 1: 3, 2: 3}
+    assert store._db.execute("SELECT device, round FROM state ORDER BY device").fetchall() == [(0, 3), (1, 3), (2, 3)]
+    assert grid.get_state()["state_round"] == 3 and "device_state" not in grid.get_state()
+    store.remove()
 
 
 def test_replies_reach_the_strategy_in_device_order_without_fedkd_records():

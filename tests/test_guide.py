@@ -18,7 +18,7 @@ from fedkd.registry import resolve_allocator, resolve_strategy
 from .conftest import REPO
 
 GUIDE = REPO / "docs" / "writing-a-strategy.md"
-STRATEGY, ALLOCATOR = "server_step.py", "sparing_allocator.py"
+STRATEGY, ALLOCATOR, CONSENSUS = "server_step.py", "sparing_allocator.py", "consensus_kd.py"
 
 
 def examples() -> dict[str, str]:
@@ -47,7 +47,7 @@ def elsewhere(tmp_path):
 def test_the_guide_has_its_examples_and_they_match_docs_examples():
     found = examples()
 
-    assert set(found) == {STRATEGY, ALLOCATOR}
+    assert set(found) == {STRATEGY, ALLOCATOR, CONSENSUS}
     assert len(found[STRATEGY].splitlines()) < 40
     assert "https://arxiv.org/abs/" in found[STRATEGY].split('"""')[1]  # the module docstring cites
     for name, code in found.items():
@@ -121,3 +121,65 @@ def test_the_example_allocator_plans_as_its_docstring_says(elsewhere):
         2: DevicePlan(local_epochs=1),  # mains powered; 5e7 FLOP/s < 1e8
         3: DevicePlan(),  # 80 J >= 50 J
     }
+
+
+def test_the_device_task_example_runs_beside_fedmd_and_compares(elsewhere, write_scenario, tiny_scenario, tmp_path):
+    # Prepare: the guide's file outside the repository, run as the guide says, then compared.
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedkd.codecs import get_codec
+    from fedkd.protocol import payload_bytes
+
+    name = f"{elsewhere(CONSENSUS)}:ConsensusKD"
+    scenario = write_scenario(tiny_scenario)
+    mine, theirs = tmp_path / "consensus", tmp_path / "fedmd"
+
+    assert main(["simulate", str(scenario), "--strategy", name, "--out", str(mine)]) == 0
+    assert main(["simulate", str(scenario), "--strategy", "fedmd", "--out", str(theirs)]) == 0
+    assert main(["compare", str(mine), str(theirs), "--out", str(tmp_path / "comparison")]) == 0
+
+    # Each device's upload is its fp16 logits on the asked samples and its metrics, counted in full.
+    rounds = pd.read_csv(mine / "rounds.csv")
+    assert (rounds["participants"][1:] == 10).all()  # devices_per_round of the 12 devices
+    devices = pd.read_csv(mine / "devices.csv")
+    classes, public = 10, 128  # av_digits; the public split holds more than public_batch samples
+    one = payload_bytes(RecordDict({
+        "logits": ConfigRecord({"payload": get_codec("fp16").encode(np.zeros((public, classes), np.float32))}),
+        "metrics": MetricRecord({"num-examples": 1})}))
+    assert (devices.loc[devices["status"] == "ok", "bytes_up"] == one).all()
+    assert (tmp_path / "comparison" / "accuracy_vs_bytes.png").stat().st_size > 0
+    assert resolve_strategy(name).shares_weights is False
+
+
+def test_two_strategies_claiming_one_device_task_are_refused_in_one_line(elsewhere, write_scenario, tiny_scenario,
+                                                                        capsys):
+    # Prepare: a second file that brings another function for the example's message type.
+    path = elsewhere(CONSENSUS)
+    rival = path.with_name("rival.py")
+    rival.write_text(path.read_text().replace("device_tasks = {TASK: consensus_task}",
+                                              "device_tasks = {TASK: lambda call: None}"))
+    tiny_scenario["strategies"] = [f"{path}:ConsensusKD", f"{rival}:ConsensusKD"]
+
+    assert main(["validate", str(write_scenario(tiny_scenario))]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "consensus_kd.py:ConsensusKD and " in err and "rival.py:ConsensusKD both claim device task 'train.consensus'" in err
+
+
+@pytest.mark.parametrize("tasks, problem", [
+    ('{"train.consensus": 42}', "is of type int, not a function"),
+    ('{"train": consensus_task}', "'train' alone is fedkd's own task"),
+    ('{"fit.consensus": consensus_task}', "category one of ['train', 'evaluate', 'query']"),
+])
+def test_a_malformed_device_task_is_refused_before_the_run(elsewhere, write_scenario, tiny_scenario, capsys,
+                                                          tasks, problem):
+    path = elsewhere(CONSENSUS)
+    path.write_text(path.read_text().replace("device_tasks = {TASK: consensus_task}", f"device_tasks = {tasks}"))
+    tiny_scenario["strategies"] = [f"{path}:ConsensusKD"]
+
+    assert main(["simulate", str(write_scenario(tiny_scenario)), "--out", str(path.parent / "out")]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and problem in err
+    assert not (path.parent / "out").exists()

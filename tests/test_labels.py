@@ -6,10 +6,11 @@ import copy
 
 import numpy as np
 
+from fedkd.contract import StrategyEnv
 from fedkd.labels import labelled_public, unlabelled_public
 from fedkd.runtime.backends import run_backend
 from fedkd.runtime.client import make_client_app
-from fedkd.runtime.context import SimulationContext
+from fedkd.context import SimulationContext
 from fedkd.runtime.server import StrategyJob, make_server_app
 from fedkd.scenario import parse_scenario
 
@@ -55,11 +56,6 @@ def test_strategies_with_the_same_validation_budget_read_the_same_samples():
     expected = labelled_public(ctx.scenario.seed, len(ctx.dataset.split("public")), 50)
     for name, params in (("ra_cmkd", {"check_teachers": False}), ("feddf", {})):
         strategy = resolve_strategy(name).cls(validation_samples=50, **params)
-        if hasattr(strategy, "fedkd_bind"):
-            from fedkd.logit_exchange import PublicSet
-
-            strategy.fedkd_bind(PublicSet(len(ctx.dataset.split("public")), ctx.dataset.num_classes,
-                                          ctx.scenario.seed))
-        strategy.fedkd_attach_server(ctx)
+        strategy.fedkd_setup(StrategyEnv.of(ctx))
         read = strategy.fedkd_labels_read()
         assert np.array_equal(np.sort(read["validation"]), expected), name

@@ -9,13 +9,14 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.contract import StrategyEnv
 from fedkd.cli import main
 from fedkd.codecs import decode_any, get_codec
 from fedkd.labels import labelled_public
 from fedkd.logit_exchange import PublicSet
-from fedkd.runtime.records import task_of
-from strategies.dsfl import DSFL
-from strategies.fedmd import FedMD
+from fedkd.protocol import task_of
+from fedkd.strategies.dsfl import DSFL
+from fedkd.strategies.fedmd import FedMD
 
 from .test_grid import close, make_grid
 
@@ -44,7 +45,7 @@ def logit_client() -> ClientApp:
 def run_rounds(strategy, rounds: int):
     RECEIVED.clear()
     grid, recorder = make_grid(logit_client())
-    strategy.fedkd_bind(PublicSet(size=50, num_classes=2, seed=0))
+    strategy.fedkd_setup(StrategyEnv(public=PublicSet(size=50, num_classes=2, seed=0)))
     strategy.start(grid, ArrayRecord(), num_rounds=rounds, evaluate_fn=close(recorder))
     return recorder
 
@@ -113,10 +114,10 @@ def test_fedmd_pretrains_on_public_labels_by_default_and_dsfl_does_not():
     run_rounds(dsfl, rounds=1)
     assert {c["public-pretrain-epochs"] for c in RECEIVED} == {0} and dsfl.fedkd_labels_read() == {}
     off = FedMD(public_pretrain_epochs=0)
-    off.fedkd_bind(PublicSet(size=50, num_classes=2, seed=0))
+    off.fedkd_setup(StrategyEnv(public=PublicSet(size=50, num_classes=2, seed=0)))
     assert off.fedkd_labels_read() == {}
     some = DSFL(public_pretrain_epochs=2, public_pretrain_samples=20)
-    some.fedkd_bind(PublicSet(size=50, num_classes=2, seed=0))
+    some.fedkd_setup(StrategyEnv(public=PublicSet(size=50, num_classes=2, seed=0)))
     # The first 20 of the run's labelled order (fedkd.labels), the samples any budget of 20 reads.
     assert some.fedkd_labels_read()["transfer"].tolist() == labelled_public(0, 50, 20).tolist()
 
@@ -124,8 +125,8 @@ def test_fedmd_pretrains_on_public_labels_by_default_and_dsfl_does_not():
 def test_fedmd_reports_exactly_the_samples_its_devices_pretrain_on(write_scenario, tiny_scenario, tmp_path,
                                                                    monkeypatch):
     # Prepare: record what the client trains on; FedMD pretrains on 16 public samples.
-    import fedkd.runtime.client as client
-    from fedkd.runtime.context import simulation_context
+    import fedkd.logit_exchange as client
+    from fedkd.context import simulation_context
     from fedkd.scenario import parse_scenario
 
     calls = []
@@ -144,7 +145,7 @@ def test_fedmd_reports_exactly_the_samples_its_devices_pretrain_on(write_scenari
     # Assert: each device of the round trained twice, first on the reported public samples, once.
     public = simulation_context(parse_scenario(tiny_scenario)).dataset.split("public")
     strategy = FedMD(public_pretrain_samples=16)
-    strategy.fedkd_bind(PublicSet(size=len(public), num_classes=10, seed=3))
+    strategy.fedkd_setup(StrategyEnv(public=PublicSet(size=len(public), num_classes=10, seed=3)))
     expected = public.subset(strategy.fedkd_labels_read()["transfer"])
     pretraining = [(data, mods, epochs) for data, mods, epochs in calls if len(data) == 16 and epochs == 1
                    and np.array_equal(data.labels, expected.labels)]

@@ -19,16 +19,16 @@ from fedkd.models.multimodal import build_model
 from fedkd.registry import resolve_strategy
 from fedkd.report import devices_frame, rounds_frame
 from fedkd.runner import run_scenario
-from fedkd.runtime.context import simulation_context
+from fedkd.context import simulation_context
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import task_of
+from fedkd.protocol import task_of
 from fedkd.scenario import PopulationSpec, WorldSpec, parse_scenario
 from fedkd.sim.grid import NodeProfile, SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld
-from strategies.fedavg_modal import FedAvgModal, modality_of
-from strategies.fedprox_modal import FedProxModal
+from fedkd.strategies.fedavg_modal import FedAvgModal, modality_of
+from fedkd.strategies.fedprox_modal import FedProxModal
 
 from .conftest import TINY
 from .test_grid import close

@@ -9,8 +9,9 @@ import pytest
 
 from fedkd.data.partition import ModalityMix, Partitioner
 from fedkd.errors import FedkdError, ScenarioError
-from fedkd.runtime.context import SimulationContext
-from fedkd.scenario import PartitionSpec, load_scenario, parse_scenario
+from fedkd.context import SimulationContext
+from fedkd.scenario import PartitionSpec, parse_scenario
+from fedkd.checks import load_scenario
 
 NUM_CLASSES = 10
 # 100 samples of each of 10 classes; domain = sample index mod 4 (four cameras).

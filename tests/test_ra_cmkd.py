@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fedkd.contract import StrategyEnv
 from fedkd.cli import main
 
 
@@ -27,16 +28,16 @@ def test_ra_cmkd_runs_through_fogs_and_leaves_drained_devices_out(write_scenario
     assert set(devices["status"]) == {"ok"}  # and nobody failed for lack of time or charge
 
 
-def _ra_scenario(tiny_scenario, **params):
+def _ra_scenario(tiny_scenario, name="ra_cmkd", **params):
     tiny_scenario["topology"] = {"fogs": 2, "assign": "hash"}
     tiny_scenario["strategy_defaults"] = {}
-    tiny_scenario["strategies"] = [{"name": "ra_cmkd", "params": {"fraction_train": 0.5, "public_batch": 16,
+    tiny_scenario["strategies"] = [{"name": name, "params": {"fraction_train": 0.5, "public_batch": 16,
                                                                   "allocator": "all_in", **params}}]
     return tiny_scenario
 
 
 def test_devices_download_their_fogs_model_and_are_scored_on_it(write_scenario, tiny_scenario, tmp_path):
-    from fedkd.runtime.context import SimulationContext
+    from fedkd.context import SimulationContext
     from fedkd.scenario import Scenario
 
     scenario = _ra_scenario(tiny_scenario)
@@ -61,7 +62,7 @@ def test_devices_download_their_fogs_model_and_are_scored_on_it(write_scenario, 
 
 
 def test_without_fog_models_devices_keep_their_own(write_scenario, tiny_scenario, tmp_path):
-    scenario = _ra_scenario(tiny_scenario, fog_models=False, distill_epochs=1)
+    scenario = _ra_scenario(tiny_scenario, "ra_cmkd_targets", distill_epochs=1)
     out = tmp_path / "own"
     assert main(["simulate", str(write_scenario(scenario)), "--out", str(out)]) == 0
     rounds = pd.read_csv(out / "rounds.csv")
@@ -84,12 +85,12 @@ def _fake_reply(device: int, logits, examples: float = 10.0):
 def _two_fog_strategy(bank_samples: int):
     """ra_cmkd with fog targets only (no fog models), two camera devices, one in each fog."""
     from fedkd.logit_exchange import PublicSet
-    from fedkd.runtime.architectures import Architecture
+    from fedkd.architectures import Architecture
     from fedkd.sim.grid import NodeProfile
-    from strategies.ra_cmkd import RACMKD
+    from fedkd.strategies.ra_cmkd import FogTargetsKD
 
-    strategy = RACMKD(fog_models=False, allocator="all_in", bank_samples=bank_samples)
-    strategy.fedkd_bind(PublicSet(size=12, num_classes=2, seed=0))
+    strategy = FogTargetsKD(allocator="all_in", bank_samples=bank_samples)
+    strategy.fedkd_setup(StrategyEnv(public=PublicSet(size=12, num_classes=2, seed=0)))
     camera = Architecture("small", ("camera",))
     strategy._archs = {1: camera, 2: camera}
     strategy._profiles = {1: NodeProfile(1, "cam", "small", ("camera",), fog=0),

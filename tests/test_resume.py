@@ -1,11 +1,14 @@
 """Checkpoints and --resume: a run stopped at any moment ends as if it never stopped.
 
 The decisive test kills ``fedkd simulate`` with SIGKILL twice, resumes it
-twice, and compares rounds.csv byte for byte with an uninterrupted run.
+twice, and compares rounds.csv byte for byte with an uninterrupted run; its
+FedMD devices keep their models in a state store whose cache is smaller than
+one model, so they live on disk (fedkd.sim.state_store).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import re
@@ -23,6 +26,7 @@ from fedkd.cli import main
 from fedkd.report import devices_frame, rounds_frame
 from fedkd.runner import run_scenario
 from fedkd.scenario import parse_scenario
+from fedkd.sim.state_store import DeviceStateStore
 
 from .conftest import REPO, TINY
 
@@ -91,8 +95,10 @@ def test_every_strategy_state_survives_a_stop_after_each_round(tmp_path):
 
 
 def test_a_run_killed_twice_and_resumed_twice_writes_the_same_rounds_csv(write_scenario, tmp_path):
-    # Prepare: the uninterrupted run, and the same scenario for a run to kill.
+    # Prepare: the uninterrupted run, and the same scenario for a run to kill. FedMD's devices
+    # keep their models; a 10 KB cache holds none of them, so every read and write is on disk.
     raw = two_strategies()
+    raw["backend"] = {"state_cache_mb": 0.01}
     path = write_scenario(raw)
     assert main(["simulate", str(path), "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "killed"
@@ -132,7 +138,7 @@ def test_a_run_killed_twice_and_resumed_twice_writes_the_same_rounds_csv(write_s
     assert last.returncode == 0 and "fedavg done, fedmd after round" in last.stderr, last.stderr
     for name in ("rounds.csv", "devices.csv"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    assert not (out / ".checkpoint").exists()
+    assert not (out / ".checkpoint").exists() and not (out / ".state").exists()
 
 
 def test_a_two_seed_run_resumes_each_seed_and_strategy_where_it_stopped(tmp_path, write_scenario, capsys):
@@ -200,7 +206,11 @@ def test_checkpoints_hold_only_tensors_and_plain_data_and_load_with_weights_only
     assert _only_plain_data(raw)
     assert raw["label"] == "fedmd" and not raw["complete"]
     assert len(raw["run"]["rounds"]) == 2  # rounds 0 and 1
-    assert raw["state"]["grid"]["device_state"], "the devices' own models travel in the checkpoint"
+    # The devices' own models are not in the checkpoint, which names the round of their store.
+    assert "device_state" not in raw["state"]["grid"] and raw["state"]["grid"]["state_round"] == 1
+    states = DeviceStateStore(store.state_path(0, "fedmd"), identity=store.state_identity("fedmd"), resume=True)
+    assert len(states) > 0 and all(round_ == 1 for round_, in states._db.execute("SELECT round FROM state"))
+    states.close()
 
 
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
@@ -261,3 +271,71 @@ def test_without_resume_an_old_checkpoint_is_overwritten_and_said_so(tmp_path, w
     assert "holds a checkpoint of an earlier run; starting over" in capsys.readouterr().err
     assert not store.folder.exists()
     assert os.path.exists(tmp_path / "out" / "rounds.csv")
+
+
+# -- the devices' state store: a stop at any moment of a round --------------------------
+
+def fedmd_only(rounds: int = 3) -> dict:
+    raw = two_strategies(rounds)
+    raw["strategies"] = raw["strategies"][1:]
+    raw["backend"] = {"state_cache_mb": 0.01}  # smaller than one model: the states live on disk
+    return raw
+
+
+@functools.cache
+def _fedmd_uninterrupted() -> tuple[str, str]:
+    return as_csv(run_scenario(parse_scenario(fedmd_only())))
+
+
+def _stop_in_round_2(monkeypatch, moment: str) -> None:
+    """Make the run stop in round 2 at ``moment`` (as a kill would: nothing after it runs)."""
+    if moment == "mid-round, after a device's state was written":
+        original = DeviceStateStore.put
+
+        def put(self, device, state):
+            original(self, device, state)
+            if self.round == 2:
+                raise Stop("put")
+
+        monkeypatch.setattr(DeviceStateStore, "put", put)
+    elif moment == "after the store committed round 2, before its checkpoint file":
+        original_flush = DeviceStateStore.flush
+
+        def flush(self, round_):
+            original_flush(self, round_)
+            if round_ == 2:
+                raise Stop("flush")
+
+        monkeypatch.setattr(DeviceStateStore, "flush", flush)
+    else:  # after round 2's checkpoint file, before the versions it supersedes are dropped
+        def checkpointed(self, round_, _original=DeviceStateStore.checkpointed):
+            if round_ == 2:
+                raise Stop("checkpointed")
+            _original(self, round_)
+
+        monkeypatch.setattr(DeviceStateStore, "checkpointed", checkpointed)
+
+
+@pytest.mark.parametrize("moment", ["mid-round, after a device's state was written",
+                                    "after the store committed round 2, before its checkpoint file",
+                                    "after round 2's checkpoint file, before old versions are dropped"])
+def test_a_stop_at_any_moment_of_a_round_resumes_with_each_devices_model_of_the_checkpoint(tmp_path, monkeypatch,
+                                                                                        moment):
+    # Prepare: FedMD for 3 rounds; some device trains in both rounds 1 and 2, so resuming after
+    # a stop in round 2 needs its round-1 model back (the store keeps it until round 2's checkpoint).
+    scenario = parse_scenario(fedmd_only())
+    uninterrupted = _fedmd_uninterrupted()
+    store = CheckpointStore(tmp_path, scenario)
+    # Execute: stop in round 2 at that moment; then resume to the end.
+    with monkeypatch.context() as patch:
+        _stop_in_round_2(patch, moment)
+        with pytest.raises(Stop):
+            run_scenario(scenario, None, store)
+    runs = run_scenario(scenario, None, store, resume=True)
+    # Assert
+    assert as_csv(runs) == uninterrupted
+    rows = [line.split(",") for line in uninterrupted[1].splitlines()]
+    header = rows[0]
+    trained = {(int(r[header.index("round")]), int(r[header.index("device_id")])) for r in rows[1:]
+               if r[header.index("phase")] == "train" and r[header.index("status")] == "ok"}
+    assert {d for r, d in trained if r == 1} & {d for r, d in trained if r == 2}, "no device trained twice"

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedkd.errors import ScenarioError
-from fedkd.scenario import load_scenario, parse_scenario
+from fedkd.scenario import parse_scenario
+from fedkd.checks import load_scenario
 
 from .conftest import TINY
 

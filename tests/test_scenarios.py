@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedkd.cli import main
-from fedkd.scenario import load_scenario
+from fedkd.checks import load_scenario
 
 from .conftest import REPO
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedkd.device_models import model_key, pack
-from fedkd.runtime.architectures import Architecture, new_model
-from fedkd.runtime.context import SimulationContext
+from fedkd.architectures import Architecture, new_model
+from fedkd.context import SimulationContext
 from fedkd.scenario import parse_scenario
 from fedkd.scoring import PanelModel, evaluation_panel, own_model, panel_counts, score_panel
 

@@ -17,15 +17,16 @@ from fedkd.codecs import decode_any
 from fedkd.data.base import ModalitySpec
 from fedkd.models import build_model
 from fedkd.runtime.inprocess import InProcessGrid
-from fedkd.runtime.records import COST, STATE, TASK, task_of
-from fedkd.runtime.context import simulation_context
-from fedkd.runtime.teacher_client import handle_teacher
+from fedkd.protocol import COST, STATE, TASK, task_of
+from fedkd.context import simulation_context
+from fedkd.contract import DeviceCall
+from fedkd.strategies.teacher_kd.device import teach_task
 from fedkd.scenario import PopulationSpec, Scenario, WorldSpec
 from fedkd.sim.grid import NodeProfile, SimulatedGrid
 from fedkd.sim.population import Population
 from fedkd.sim.recorder import RoundRecorder
 from fedkd.sim.world import DeviceWorld
-from strategies.teacher_kd import TeacherKD
+from fedkd.strategies.teacher_kd import TeacherKD
 
 from .test_grid import close
 
@@ -167,10 +168,10 @@ def with_labels(monkeypatch, scenario: Scenario, relabel) -> None:
                                      lambda y: np.full_like(y, 99)], ids=["permuted", "nonsense"])
 def test_the_student_never_reads_its_labels(tiny, monkeypatch, relabel):
     # Prepare: device 1's task, once with its true labels, once with permuted or impossible ones.
-    honest = handle_teacher(tiny, teacher_task(tiny, 1))
+    honest = teach_task(DeviceCall(simulation_context(tiny), teacher_task(tiny, 1)))
     with_labels(monkeypatch, tiny, relabel)
     # Execute
-    relabelled = handle_teacher(tiny, teacher_task(tiny, 1))
+    relabelled = teach_task(DeviceCall(simulation_context(tiny), teacher_task(tiny, 1)))
     # Assert: the same student to the last bit, the same loss.
     for (k, a), (_, b) in zip(honest.content[STATE].items(), relabelled.content[STATE].items()):
         assert np.array_equal(a.numpy(), b.numpy()), k
@@ -181,7 +182,7 @@ def test_device_mode_flops_are_the_teachers_forward_plus_the_students_training(t
     ctx = simulation_context(tiny)
     device = ctx.device(1)
     n, epochs = len(device.data), tiny.training.local_epochs
-    reply = handle_teacher(tiny, teacher_task(tiny, 1))
+    reply = teach_task(DeviceCall(simulation_context(tiny), teacher_task(tiny, 1)))
     teacher = ctx.forward_flops_per_sample("tiny", device.modalities) * n
     student = ctx.train_flops_per_sample(device.model_tier, device.modalities) * n * epochs
     assert reply.content[COST]["flops"] == teacher + student

@@ -1,4 +1,4 @@
-"""Device-to-device graphs (fedkd.topology), checked by hand."""
+"""Device-to-device graphs (gossip_kd's topology), checked by hand."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fedkd.topology import edges, from_edges, geometric, k_regular, positions, restrict, ring, round_graph
+from fedkd.strategies.gossip_kd.topology import edges, from_edges, geometric, k_regular, positions, restrict, ring, round_graph
 
 
 def is_simple_and_symmetric(graph) -> bool:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fedkd.errors import ScenarioError
-from fedkd.scenario import PopulationSpec, WorldSpec, load_scenario
+from fedkd.scenario import PopulationSpec, WorldSpec
+from fedkd.checks import load_scenario
 from fedkd.sim.population import Population
 from fedkd.sim.traces import TraceError, load_trace
 from fedkd.sim.world import DeviceWorld, TaskCost

@@ -20,6 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import FedkdError
+
 SplitName = Literal["train", "test", "public"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "test", "public")
 
@@ -92,3 +94,12 @@ class Dataset(ABC):
             if m.name == name:
                 return m
         raise KeyError(f"dataset {self.name!r} has no modality {name!r}; it has {self.modality_names}")
+
+
+class DatasetOptionError(FedkdError):
+    """An option a dataset cannot use. ``key`` is its path under ``data.options``
+    (``modalities.accel.channels``), so the scenario error names the exact key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)

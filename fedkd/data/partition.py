@@ -13,7 +13,7 @@ reshuffle the others:
 - **modality availability** (``modality_mix``): which modalities a device
   holds, e.g. 60 % camera only, 30 % sensor only, 10 % both. It applies to
   devices whose device class leaves ``modalities`` null; a class's own list
-  takes precedence (see :meth:`fedkd.runtime.context.SimulationContext.modalities_of`).
+  takes precedence (see :meth:`fedkd.context.SimulationContext.modalities_of`).
 
 Two modes deal the samples:
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FedkdError, ScenarioError
-from ..scenario import PartitionSpec, Scenario, modality_set
+from ..errors import FedkdError
+from ..scenario import PartitionSpec, modality_set
 from ..seeding import hashed_uniform, rng_for
 
 
@@ -257,28 +257,3 @@ def _take(wanted: np.ndarray, mix: np.ndarray, left: np.ndarray) -> np.ndarray:
         counts += add
         short -= int(add.sum())
     return counts
-
-
-def check_partition(scenario: Scenario, path: str, modality_names: tuple[str, ...]) -> None:
-    """Check ``data.partition`` against the dataset and population; a ScenarioError names the key."""
-    spec = scenario.data.partition
-    for key in spec.modality_mix or {}:
-        for name in modality_set(key):
-            if name not in modality_names:
-                raise ScenarioError(path, f"data.partition.modality_mix.{key}",
-                                    f"unknown modality {name!r}; dataset {scenario.data.dataset!r} "
-                                    f"has {list(modality_names)}")
-    if spec.modality_mix and all(c.modalities for c in scenario.population.classes):
-        raise ScenarioError(path, "data.partition.modality_mix",
-                            "every device class fixes its own `modalities`, so the mix applies to no "
-                            "device; leave `modalities` out of a class for the mix to apply")
-    if spec.disjoint:
-        from . import load_dataset  # only now: dealing needs the train labels
-
-        dataset = load_dataset(scenario.data.dataset, scenario.data.options, scenario.seed)
-        train = dataset.split("train")
-        try:
-            Partitioner(spec, train.labels, train.domains, dataset.num_classes, scenario.seed,
-                        scenario.population.devices)
-        except FedkdError as exc:
-            raise ScenarioError(path, "data.partition.disjoint", str(exc)) from None

@@ -1,6 +1,8 @@
 """Execution backends: the same ServerApp and ClientApp, run two ways.
 
 - ``inprocess``: fedkd's own ``Grid`` calls the ClientApp in this thread.
+- ``processes``: the same grid, each round's ClientApp calls spread over
+  local worker processes (:mod:`fedkd.runtime.processes`).
 - ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``),
   on this machine or, given an address, on an existing Ray cluster.
 """
@@ -24,6 +26,10 @@ def default_executors() -> int:
 def run_backend(spec: BackendSpec, server_app: ServerApp, client_app: ClientApp) -> None:
     if spec.kind == "inprocess":
         run_inprocess(server_app, client_app, executors=1)
+    elif spec.kind == "processes":
+        from .processes import run_processes
+
+        run_processes(server_app, client_app, workers=spec.workers or default_executors())
     else:
         run_ray(spec, server_app, client_app)
 

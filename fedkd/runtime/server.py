@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import numpy as np
 
-from ..logit_exchange import PublicSet
+from ..contract import FedkdStrategy, StrategyEnv
 from ..registry import resolve_strategy, strategy_params
 from ..results import RoundRecord, StrategyRun
 from ..scenario import Scenario, StrategySpec
@@ -29,11 +29,12 @@ from ..scoring import (PanelDevice, PanelModel, PanelScoring, evaluation_panel, 
                        own_model, score_panel)
 from ..sim.grid import PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
+from ..sim.state_store import DeviceStateStore
 from ..sim.world import OK, DeviceWorld
 from ..warm_start import warm_start_indices, warm_started
 from ..training import accuracy
-from .context import SimulationContext, simulation_context
-from .records import torch_state_dict
+from ..context import SimulationContext, simulation_context
+from ..protocol import torch_state_dict
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointStore
@@ -86,9 +87,8 @@ class RunScorer:
         accuracy, metrics = score_panel(self.ctx, self.panel, model_of, self.trained)
         if self.shares_weights and not isinstance(self.strategy, PanelScoring):
             metrics |= global_model_columns(self.ctx, shared)
-        extra = getattr(self.strategy, "fedkd_round_metrics", None)
-        if extra is not None:
-            metrics |= extra(self.ctx, device_state)
+        if isinstance(self.strategy, FedkdStrategy):
+            metrics |= self.strategy.fedkd_round_metrics(self.ctx, device_state)
         return accuracy, metrics
 
     def _note_trained(self, recorder: RoundRecorder) -> None:
@@ -103,7 +103,7 @@ class RunScorer:
 
 def global_model_columns(ctx: SimulationContext, shared: PanelModel) -> dict[str, float]:
     """A global model fed every modality (``accuracy_all_modalities``) and each alone."""
-    from .architectures import single_threaded
+    from ..threads import single_threaded
 
     test, names = ctx.test_split, ctx.dataset.modality_names
     with single_threaded():
@@ -115,7 +115,7 @@ def global_model_columns(ctx: SimulationContext, shared: PanelModel) -> dict[str
 
 
 def run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None = None) -> StrategyRun:
-    from .architectures import single_threaded
+    from ..threads import single_threaded
 
     # The server's own scoring and training on one thread, as client tasks run: the
     # same numbers whether a run starts fresh or resumes, whichever strategy ran first.
@@ -128,27 +128,18 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
     ctx = simulation_context(scenario)
     world = DeviceWorld(ctx.population, scenario.world, scenario.seed)
     recorder = RoundRecorder(label, job.spec.name, world)
-    grid = SimulatedGrid(executors, world, recorder, scenario.seed, scenario.backend.timeout_s,
-                         describe=lambda device_id: node_profile(ctx, device_id), topology=scenario.topology,
-                         num_classes=ctx.dataset.num_classes)
-    ref = resolve_strategy(job.spec.name)
-    strategy = ref.cls(**strategy_params(ref, scenario.strategy_defaults, job.spec.params))
-    # Optional fedkd hooks a strategy may define (Flower's own strategies have none):
-    # fedkd_bind(PublicSet): the shared public set; fedkd_attach_server(ctx): the
-    # server's own data and model builders; fedkd_panel_model(ctx, device, state):
-    # the model a panel device runs, when neither the global model nor the device's
-    # own is the answer (fedkd.scoring); fedkd_round_metrics(ctx, state): extra
-    # columns; fedkd_labels_read(): labelled public samples read, by purpose;
-    # fedkd_state() / fedkd_restore(state):
-    # what it keeps from round to round besides the global arrays, for checkpoints.
-    if hasattr(strategy, "fedkd_bind"):
-        strategy.fedkd_bind(PublicSet(len(ctx.dataset.split("public")), ctx.dataset.num_classes, scenario.seed))
-    if hasattr(strategy, "fedkd_attach_server"):
-        strategy.fedkd_attach_server(ctx)
-    warm_start = scenario.training.warm_start if ref.shares_weights else None
-    initial_model = ctx.new_model(scenario.training.model_tier)
     saved = job.checkpoints.load(job.index, label) if job.checkpoints is not None and job.resume else None
     resumed = saved is not None and saved["state"] is not None
+    grid = SimulatedGrid(executors, world, recorder, scenario.seed, scenario.backend.timeout_s,
+                         describe=lambda device_id: node_profile(ctx, device_id), topology=scenario.topology,
+                         num_classes=ctx.dataset.num_classes, state_store=open_state_store(job, saved))
+    ref = resolve_strategy(job.spec.name)
+    strategy = ref.cls(**strategy_params(ref, scenario.strategy_defaults, job.spec.params))
+    # fedkd's half of the strategy, if it has one (fedkd.contract); a Flower-only strategy has none.
+    fedkd_part = strategy if isinstance(strategy, FedkdStrategy) else FedkdStrategy()
+    fedkd_part.fedkd_setup(StrategyEnv.of(ctx, grid))
+    warm_start = scenario.training.warm_start if ref.shares_weights else None
+    initial_model = ctx.new_model(scenario.training.model_tier)
     if warm_start is not None and not resumed:
         warm_started(ctx, initial_model, warm_start)
     initial = ArrayRecord(initial_model.state_dict())
@@ -159,8 +150,7 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
         world.set_state(state["world"])
         grid.set_state(state["grid"])
         recorder.set_state(saved["run"])
-        if hasattr(strategy, "fedkd_restore"):
-            strategy.fedkd_restore(state["strategy"])
+        fedkd_part.fedkd_restore(state["strategy"])
     done = recorder.current_round - 1 if resumed else 0  # rounds completed after round 0
     wall_before_s = recorder.run.wall_time_s
     started = time.perf_counter()
@@ -172,10 +162,14 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
         accuracy, metrics = scorer.score(arrays, recorder, grid.device_state)
         record = recorder.close_round(server_round, accuracy, metrics)
         recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
+        # The round's device states are committed first; the checkpoint names that round;
+        # only then are the versions they replace dropped (fedkd.sim.state_store).
+        grid.device_state.flush(server_round)
         if job.checkpoints is not None:
             job.checkpoints.save(job.index, label, complete=False, run=recorder.get_state(), state={
-                "arrays": arrays, "strategy": strategy.fedkd_state() if hasattr(strategy, "fedkd_state") else {},
+                "arrays": arrays, "strategy": fedkd_part.fedkd_state(),
                 "world": world.get_state(), "grid": grid.get_state()})
+        grid.device_state.checkpointed(server_round)
         if progress:
             progress(label, record, job.rounds)
         return MetricRecord({"accuracy": accuracy, **metrics})
@@ -186,7 +180,9 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
                            evaluate_fn=close_round)
     except PopulationExhausted as exc:
         recorder.run.stopped_early = str(exc)
-    read = dict(strategy.fedkd_labels_read()) if hasattr(strategy, "fedkd_labels_read") else {}
+    finally:
+        grid.device_state.close()  # its file stays for --resume until the runner's final checkpoint
+    read = dict(fedkd_part.fedkd_labels_read())
     if warm_start is not None:
         read["warm_start"] = warm_start_indices(ctx, warm_start)
     read = {purpose: idx for purpose, idx in read.items() if len(idx)}
@@ -195,6 +191,20 @@ def _run_job(job: StrategyJob, executors: Grid, progress: ProgressFn | None) -> 
         [np.asarray(idx, dtype=np.int64) for idx in read.values()]))) if read else 0
     recorder.run.wall_time_s = wall_before_s + time.perf_counter() - started
     return recorder.run
+
+
+def open_state_store(job: StrategyJob, saved: dict | None) -> DeviceStateStore:
+    """The devices' state store of ``job``: in the run's output folder when it is checkpointed
+    (reopened when ``saved`` is a checkpoint to resume whose store holds the states), else a
+    private temporary one."""
+    cache_mb = job.scenario.backend.state_cache_mb
+    if job.checkpoints is None:
+        return DeviceStateStore(cache_mb=cache_mb)
+    label = job.spec.run_label
+    grid_state = saved["state"]["grid"] if saved is not None and saved["state"] is not None else None
+    return DeviceStateStore(job.checkpoints.state_path(job.index, label), cache_mb=cache_mb,
+                            identity=job.checkpoints.state_identity(label),
+                            resume=grid_state is not None and "device_state" not in grid_state)
 
 
 ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")

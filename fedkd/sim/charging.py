@@ -72,6 +72,33 @@ class ChargeProfile:
             day += 1
         return sorted(t for t in set(out) if start_s < t < end_s)
 
+    def net_sign_changes_s(self, idle_w: float, start_s: float, end_s: float) -> list[float]:
+        """Times in (start_s, end_s) where charge power minus ``idle_w`` changes sign inside a
+        span between two :meth:`breakpoints_s`.
+
+        Between breakpoints net power is monotone, but a battery may still drain and then
+        fill (the sun comes up past the idle draw) or fill and then drain: cut there too
+        and the battery is monotone in each piece, so clipping it at [0, capacity] at the
+        piece's ends is exact. Only the sun's half-sine can cross a constant level; the
+        crossing is where peak * sin(pi (x - rise) / length) equals idle_w minus the rest.
+        """
+        if self.solar is None:
+            return []
+        rise, set_, peak = self.solar
+        length = set_ - rise
+        edges = [start_s, *self.breakpoints_s(start_s, end_s), end_s]
+        out = []
+        for a, b in zip(edges, edges[1:]):
+            middle = (a + b) / 2
+            day, x = divmod(middle + self.offset_s, DAY_S)
+            windows_w = sum(p for lo, hi, p in self.windows if lo <= x < hi)
+            level = (idle_w - self.constant_w - windows_w) / peak
+            if 0 < level < 1:
+                into = length / math.pi * math.asin(level)
+                dawn, dusk = (day * DAY_S + x - self.offset_s for x in (rise + into, set_ - into))
+                out += [t for t in (dawn, dusk) if a < t < b]
+        return out
+
     def _cumulative(self, clock_s: float) -> float:
         # Energy of windows and sun from day-clock 0 to clock_s (constant trickle excluded).
         days, x = divmod(clock_s, DAY_S)

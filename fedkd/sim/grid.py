@@ -27,11 +27,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from ..runtime.records import STATE, payload_bytes, reported_flops, strategy_view, with_task
+from ..protocol import STATE, payload_bytes, reported_flops, strategy_view, with_task
 from ..scenario import TopologySpec
 from ..seeding import derive_seed
 from .recorder import RoundRecorder
 from .replies import reply_problem
+from .state_store import DeviceStateStore
 from .telemetry import Telemetry
 from .world import OK, DeviceWorld, TaskCost, TaskOutcome
 
@@ -66,18 +67,20 @@ class PopulationExhausted(RuntimeError):
 class SimulatedGrid(Grid):
     def __init__(self, executors: Grid, world: DeviceWorld, recorder: RoundRecorder, seed: int,
                  timeout_s: float, describe: Callable[[int], NodeProfile] | None = None,
-                 topology: TopologySpec | None = None, num_classes: int | None = None):
+                 topology: TopologySpec | None = None, num_classes: int | None = None,
+                 state_store: DeviceStateStore | None = None):
         self.executors, self.world, self.recorder = executors, world, recorder
         self._describe, self.topology = describe, topology
         self.seed, self.timeout_s = seed, timeout_s
         self.num_classes = num_classes  # checks the shape of logit replies when given
-        self.device_state: dict[int, object] = {}  # only devices that have state take room
+        # Only devices that have state take room, on disk behind a bounded cache
+        # (fedkd.sim.state_store); without a store given, a private temporary one.
+        self.device_state = state_store if state_store is not None else DeviceStateStore()
         self._replies: dict[str, Message] = {}
         self._message_count = 0
         self._polls_since_send = 0
         self._last_poll_wall_s = 0.0
         self._waited_s = 0.0
-        self._d2d: dict[int, dict[str, float]] = {}  # round -> D2D bytes sent and radio energy
 
     # -- Grid API ----------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -158,21 +161,22 @@ class SimulatedGrid(Grid):
         self.recorder.record_backhaul(moved, moved * link.energy_per_byte_j)
         return duration
 
-    def d2d_traffic(self, server_round: int) -> dict[str, float]:
-        """``d2d_bytes`` (sent over device-to-device links, each copy counted) and
-        ``d2d_energy_j`` (both radios) of a round's tasks; empty if it moved none."""
-        return dict(self._d2d.get(server_round, {}))
-
     # -- checkpoints (fedkd.checkpoint) -------------------------------------------
     def get_state(self) -> dict:
-        """The devices' travelling state and the counters later rounds depend on."""
-        return {"device_state": dict(self.device_state), "message_count": self._message_count,
-                "polls_since_send": self._polls_since_send, "waited_s": self._waited_s, "d2d": self._d2d}
+        """The counters later rounds depend on. The devices' state is not in it: the store
+        commits each round's rows itself (``device_state.flush``, called before this), so a
+        checkpoint only names the round (``state_round``) the store is rolled back to on resume."""
+        return {"state_round": self.device_state.flushed_round, "message_count": self._message_count,
+                "polls_since_send": self._polls_since_send, "waited_s": self._waited_s}
 
     def set_state(self, state: dict) -> None:
-        self.device_state = dict(state["device_state"])
+        if "device_state" in state:  # a checkpoint written before the store: the states travel in it
+            for device, device_state in sorted(state["device_state"].items()):
+                self.device_state.put(device, device_state)
+        else:
+            self.device_state.rollback(state["state_round"])
         self._message_count, self._polls_since_send = state["message_count"], state["polls_since_send"]
-        self._waited_s, self._d2d = state["waited_s"], state["d2d"]
+        self._waited_s = state["waited_s"]
 
     # -- the simulated world -----------------------------------------------------
     def _run_phase(self, messages: list[Message]) -> list[Message]:
@@ -215,7 +219,7 @@ class SimulatedGrid(Grid):
         # An invalid reply arrives at once: the world times it as an error reply.
         outcomes = world.run_phase(costs, {d: "error" if r == "invalid" else r for d, r in unreachable.items()})
         outcomes = [replace(o, reason="invalid") if unreachable.get(o.device_id) == "invalid" else o for o in outcomes]
-        self._count_d2d(server_round, outcomes)
+        self._count_d2d(outcomes)
         phase = messages[0].metadata.message_type.split(".")[0]
         self.recorder.record_phase(phase, outcomes)
         by_device = {m.metadata.dst_node_id: m for m in messages}
@@ -225,7 +229,8 @@ class SimulatedGrid(Grid):
             if o.status == OK:
                 content = replies[o.device_id].content
                 if STATE in content:
-                    self.device_state[o.device_id] = content[STATE]
+                    self.device_state.round = server_round  # the round that wrote it: see rollback
+                    self.device_state.put(o.device_id, content[STATE])
                 out.append(Message(strategy_view(content), reply_to=original))
             else:
                 detail = details.get(o.device_id, "") if o.reason in ("error", "invalid", "timeout") else ""
@@ -233,12 +238,10 @@ class SimulatedGrid(Grid):
                 out.append(Message(error, reply_to=original))
         return out
 
-    def _count_d2d(self, server_round: int, outcomes: list[TaskOutcome]) -> None:
+    def _count_d2d(self, outcomes: list[TaskOutcome]) -> None:
         moved = sum(o.d2d_bytes_out for o in outcomes)
         if moved or any(o.d2d_bytes_in for o in outcomes):
-            usage = self._d2d.setdefault(server_round, {"d2d_bytes": 0.0, "d2d_energy_j": 0.0})
-            usage["d2d_bytes"] += moved
-            usage["d2d_energy_j"] += sum(o.d2d_energy_j for o in outcomes)
+            self.recorder.record_d2d(moved, sum(o.d2d_energy_j for o in outcomes))
 
     def _execute(self, sent: dict[int, Message], server_round: int) -> dict[int, Message]:
         """Run each device's task on an executor node; returns replies by device."""
@@ -248,8 +251,9 @@ class SimulatedGrid(Grid):
         inner_to_device, inner = {}, []
         for i, (device, message) in enumerate(sorted(sent.items())):
             content = with_task(message.content, device, server_round, self.seed)
-            if device in self.device_state:
-                content[STATE] = self.device_state[device]
+            state = self.device_state.get(device)
+            if state is not None:
+                content[STATE] = state
             task = Message(content, executors[i % len(executors)], message.metadata.message_type,
                            group_id=str(server_round))
             inner.append((device, task))

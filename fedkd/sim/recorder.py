@@ -15,6 +15,7 @@ class RoundRecorder:
         self.run = StrategyRun(label=label, strategy=strategy)
         self._pending: list[DeviceRecord] = []
         self._backhaul_bytes, self._backhaul_energy_j = 0, 0.0
+        self._d2d: dict[str, float] | None = None  # the open round's device-to-device traffic
 
     @property
     def current_round(self) -> int:
@@ -37,6 +38,13 @@ class RoundRecorder:
         self._backhaul_bytes += moved_bytes
         self._backhaul_energy_j += energy_j
 
+    def record_d2d(self, moved_bytes: float, energy_j: float) -> None:
+        """Device-to-device traffic of the open round: bytes sent (each copy counted), both radios' energy."""
+        usage = self._d2d if self._d2d is not None else {"d2d_bytes": 0.0, "d2d_energy_j": 0.0}
+        usage["d2d_bytes"] += moved_bytes
+        usage["d2d_energy_j"] += energy_j
+        self._d2d = usage
+
     def close_round(self, server_round: int, accuracy: float, metrics: dict[str, float]) -> RoundRecord:
         tasks = self._pending
         alive = self.world.alive()
@@ -49,12 +57,14 @@ class RoundRecorder:
             dropped=sum(t.status != OK for t in tasks),
             available_devices=int((self.world.online & alive).sum()),
             dead_devices=int((~alive).sum()),
-            metrics={**metrics, **self.world.battery_snapshot(), **self._backhaul()},
+            metrics={**metrics, **(self._d2d or {}), **self.world.battery_snapshot(), **self._backhaul()},
         )
         self.run.rounds.append(record)
         self.run.devices.extend(tasks)
+        self.world.round_closed(server_round)  # on a schedule, the clock moves on to the next round's start
         self._pending = []
         self._backhaul_bytes, self._backhaul_energy_j = 0, 0.0
+        self._d2d = None
         return record
 
     def _backhaul(self) -> dict[str, float]:
@@ -67,12 +77,13 @@ class RoundRecorder:
     def get_state(self) -> dict:
         """The rounds and device rows so far, and what the open round has gathered."""
         return {**run_state(self.run), "pending": _columns(self._pending),
-                "backhaul": (self._backhaul_bytes, self._backhaul_energy_j)}
+                "backhaul": (self._backhaul_bytes, self._backhaul_energy_j), "d2d": self._d2d}
 
     def set_state(self, state: dict) -> None:
         self.run = run_from_state(self.run.label, self.run.strategy, state)
         self._pending = _rows(state["pending"])
         self._backhaul_bytes, self._backhaul_energy_j = state["backhaul"]
+        self._d2d = state.get("d2d")
 
 
 def run_state(run: StrategyRun) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from ..codecs import decode_any
-from ..runtime.records import COST, PREFIX, array_numpy
+from ..protocol import COST, PREFIX, array_numpy
 
 
 def reply_problem(task: Message, reply: Message, num_classes: int | None = None) -> str | None:

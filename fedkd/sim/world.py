@@ -9,9 +9,10 @@ over the class's quality states (:mod:`fedkd.sim.quality`), batteries charge
 :mod:`fedkd.sim.charging`) and idle-drain. A class with a trace replays the
 traced quantities instead (:mod:`fedkd.sim.traces`). Spans are cut where the
 charge power changes its course (a window opens, the sun peaks), so batteries
-clip at full or empty where they should. Telemetry heartbeats inside a span
-see a state drawn from a Markov bridge between its ends, so reporting never
-changes the world's path.
+clip at full or empty where they should; batteries are also cut where a
+class's charge power crosses its idle draw, so each one's course is monotone
+between cuts. Telemetry heartbeats inside a span see a state drawn from a
+Markov bridge between its ends, so reporting never changes the world's path.
 
 During a phase (one ``send_and_receive``) every chosen device runs as a SimPy
 process: downlink of the real payload bytes, compute of the measured FLOPs,
@@ -119,6 +120,7 @@ class DeviceWorld:
         self.traces.set_online(self.online, 0.0)  # a replayed trace is the truth from the start
         self.env = simpy.Environment()
         self._steps = 0  # how many times the population has been advanced; seeds its draws
+        self._round_start_s = 0.0  # when the round in progress started (WorldSpec.round_interval_s)
         # A device whose battery ran flat stays down until it has recharged to
         # `revive_fraction` of its capacity, as a power manager's brown-out
         # threshold would keep it (else it would bounce back on a trickle).
@@ -139,6 +141,17 @@ class DeviceWorld:
     def available_ids(self) -> np.ndarray:
         return np.flatnonzero(self.online & self.alive())
 
+    def round_closed(self, server_round: int) -> None:
+        """A round has closed now: the next one starts at once, or, with ``round_interval_s``, at
+        this round's start plus the interval if that is later; the devices idle (drain, charge,
+        come and go) until then, in closed form. Round 0, the scoring of the initial model, runs
+        no task and takes no time: round 1 starts at the clock's start.
+        """
+        interval = self.spec.round_interval_s
+        if interval is not None and server_round > 0:
+            self.advance(self._round_start_s + interval - self.now_s)  # nothing if the round overran
+        self._round_start_s = self.now_s
+
     def battery_snapshot(self) -> dict[str, float]:
         """Mean and lowest charge of each battery-powered class now, over all its devices.
 
@@ -157,13 +170,16 @@ class DeviceWorld:
         """What changes as the world runs, for checkpoints (fedkd.checkpoint); the rest
         follows from the scenario. Between phases no SimPy event is pending, so the
         clock's time is all of the environment there is to keep."""
-        return {"now_s": self.env.now, "steps": self._steps, "battery_j": self.battery_j.copy(),
+        return {"now_s": self.env.now, "steps": self._steps, "round_start_s": self._round_start_s,
+                "battery_j": self.battery_j.copy(),
                 "online": self.online.copy(), "flat": self.flat.copy(), "quality": self.quality.get_state(),
                 "reports": self.reports.get_state()}
 
     def set_state(self, state: dict) -> None:
         self.env = simpy.Environment(initial_time=state["now_s"])
         self._steps = int(state["steps"])
+        # .get: a checkpoint from before schedules existed was saved at a round's end = the next start.
+        self._round_start_s = float(state.get("round_start_s", state["now_s"]))
         self.battery_j = np.array(state["battery_j"], dtype=np.float64)
         self.online = np.array(state["online"], dtype=bool)
         self.flat = np.array(state["flat"], dtype=bool)
@@ -234,7 +250,23 @@ class DeviceWorld:
 
     def _battery_after(self, battery_j: np.ndarray, flat: np.ndarray, start_s: float,
                        end_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """Batteries and flat flags at ``end_s``, from ``battery_j`` and ``flat`` at ``start_s``."""
+        """Batteries and flat flags at ``end_s``, from ``battery_j`` and ``flat`` at ``start_s``.
+
+        Cut where some class's charge power changes course (the callers' pieces already are)
+        and where its net power (charge minus idle draw) changes sign, so that each battery is
+        monotone over each piece and clipping at the ends is exact (a battery that runs flat
+        before sunrise stays at zero, rather than borrowing the morning's sun).
+        """
+        cuts = {t for p, c in zip(self.charge, self.population.classes) if p.varies
+                for t in (*p.breakpoints_s(start_s, end_s), *p.net_sign_changes_s(c.idle_power_w, start_s, end_s))}
+        piece_start = start_s
+        for piece_end in sorted(cuts | {end_s}):
+            battery_j, flat = self._battery_piece(battery_j, flat, piece_start, piece_end)
+            piece_start = piece_end
+        return battery_j, flat
+
+    def _battery_piece(self, battery_j: np.ndarray, flat: np.ndarray, start_s: float,
+                       end_s: float) -> tuple[np.ndarray, np.ndarray]:
         charge_j = np.array([p.energy_j(start_s, end_s) for p in self.charge])[self.class_index]
         self.traces.set_charge_j(charge_j, start_s, end_s)
         finite = np.isfinite(self.capacity_j)

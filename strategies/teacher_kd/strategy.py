@@ -46,17 +46,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedkd.codecs import get_codec
+from fedkd.contract import FedkdStrategy, StrategyEnv
 from fedkd.models import TIERS
-from fedkd.runtime.teacher_client import soft_labels
 from fedkd.seeding import derive_seed
-from fedkd.strategy_parts import NoClientEvaluation, weighted_reply_metrics
+from fedkd.strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
 from fedkd.training import accuracy, train_local
 
-SHARES_WEIGHTS = False
+from .device import query_task, soft_labels, teach_task
 
 MESSAGE_TYPE = "train.teacher"
 QUERY_TYPE = "query.teacher"
@@ -78,7 +77,10 @@ def pretrain_teacher(ctx, tier: str, modalities: tuple[str, ...], epochs: int):
     return teacher
 
 
-class TeacherKD(NoClientEvaluation, Strategy):
+class TeacherKD(FedkdStrategy, NoClientEvaluation, Strategy):
+    shares_weights = False
+    device_tasks = {MESSAGE_TYPE: teach_task, QUERY_TYPE: query_task}
+
     def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  teacher_at: str = "device", teacher_tier: str = "base",
                  teacher_modalities: list[str] | None = None, teacher_epochs: int = 3,
@@ -86,8 +88,7 @@ class TeacherKD(NoClientEvaluation, Strategy):
         """``teacher_at``: ``device`` (download the teacher) or ``edge`` (upload samples, download
         soft labels); ``teacher_modalities``: what the teacher reads (null = all); ``codec``: how
         the edge sends soft labels."""
-        if not 0 < fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        check_sampling(fraction_train, min_train_nodes, min_available_nodes)
         if teacher_at not in ("device", "edge"):
             raise ValueError(f"teacher_at must be 'device' or 'edge', got {teacher_at!r}")
         if teacher_tier not in TIERS:
@@ -109,8 +110,10 @@ class TeacherKD(NoClientEvaluation, Strategy):
         self._public_size = 0  # the labelled public split the teacher learns (set before round 1)
 
     # -- fedkd hooks ------------------------------------------------------------
-    def fedkd_attach_server(self, ctx) -> None:
-        """Called by fedkd before round 1: pretrain the teacher on the labelled public split."""
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """Before round 1: pretrain the teacher on the labelled public split."""
+        super().fedkd_setup(env)
+        ctx = env.ctx
         names = ctx.dataset.modality_names
         unknown = sorted(set(self.requested_modalities or ()) - set(names))
         if unknown:
@@ -148,9 +151,8 @@ class TeacherKD(NoClientEvaluation, Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.teacher is None:
-            raise RuntimeError("TeacherKD needs its teacher (fedkd_attach_server) before round 1")
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+            raise RuntimeError("TeacherKD needs its teacher (fedkd_setup) before round 1")
+        node_ids = sample_devices(grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes)
         reads = self._teacher_reads(grid, node_ids)
         task = {"server-round": server_round, "temperature": float(self.temperature),
                 "teacher-tier": self.teacher_tier}

@@ -3,24 +3,26 @@ modalities, the strategies and their parameters. Run before anything runs, so
 a typo fails in a second with the key path, not after an hour of simulation."""
 from __future__ import annotations
 
-from . import data
-from .data.partition import check_partition
+from pathlib import Path
+
+from .data.checks import check_data
+from .data.dealing import check_partition
 from .errors import FedkdError, ScenarioError
 from .registry import check_params, resolve_strategy, strategy_params
-from .scenario import Scenario
+from .scenario import Scenario, read_scenario
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Load and validate a scenario file, including the data and strategy references."""
+    scenario = read_scenario(path)
+    check_references(scenario, str(path))
+    return scenario
 
 
 def check_references(scenario: Scenario, path: str, strict_defaults: bool = True) -> None:
-    try:
-        options = data.dataset_options(scenario.data.dataset)
-    except FedkdError as exc:
-        raise ScenarioError(path, "data.dataset", str(exc)) from None
-    for key in scenario.data.options:
-        if key not in options:
-            raise ScenarioError(path, f"data.options.{key}",
-                                f"unknown option for dataset {scenario.data.dataset!r}; "
-                                f"expected one of {sorted(options)}")
-    modalities = _modalities(scenario)
+    # The dataset is built and every split checked against the interface: a malformed
+    # dataset fails here, in one line, not in the middle of the first round.
+    modalities = check_data(scenario, path).modality_names
     for i, c in enumerate(scenario.population.classes):
         for m in c.modalities or []:
             if m not in modalities:
@@ -49,19 +51,14 @@ def check_references(scenario: Scenario, path: str, strict_defaults: bool = True
                                 f"{spec.name} averages model weights, so all devices need one architecture, "
                                 f"but the device classes use model tiers {sorted(tiers)}; "
                                 "use a logit-exchange strategy or one model_tier")
+    try:  # the device tasks the strategies bring: two claiming one message type fail here
+        from .device_tasks import tasks_of
+
+        tasks_of(spec.name for spec in scenario.strategies)
+    except FedkdError as exc:
+        raise ScenarioError(path, "strategies", str(exc)) from None
     unused = set(scenario.strategy_defaults) - used_defaults
     if unused and strict_defaults:
         raise ScenarioError(path, f"strategy_defaults.{sorted(unused)[0]}",
                             "no strategy of this scenario takes this parameter")
 
-
-def _modalities(scenario: Scenario) -> tuple[str, ...]:
-    """Modality names, read without loading the data where the dataset class tells them."""
-    cls = data.dataset_class(scenario.data.dataset)
-    declared = getattr(cls, "MODALITY_NAMES", None)
-    if declared is not None:
-        return tuple(declared)
-    try:
-        return data.load_dataset(scenario.data.dataset, scenario.data.options, scenario.seed).modality_names
-    except (ValueError, TypeError) as exc:  # a dataset that checks its options less politely than ours
-        raise FedkdError(f"dataset {scenario.data.dataset!r} refused its options: {exc}") from None

@@ -18,12 +18,13 @@ better than chance teaches nothing), builds cross-modal targets from its
 devices; the cloud merges the fogs and sends its view back down, which each
 fog blends with its own; each fog then distills its knowledge bank into its
 models while aligning their encoders across modalities on the public pairs
-(fedkd.fog_models, fedkd.alignment). A device serves its fog's model, so
+(``fog_models.py``, ``alignment.py``). A device serves its fog's model, so
 those models are what is scored.
 
-With ``fog_models: false`` the fogs keep targets only and each device keeps
-its own model and digests its fog's targets (FedMD's loop); its own model is
-then what is scored.
+``ra_cmkd_targets`` (:class:`FogTargetsKD`) is the first design, a class of
+its own: the fogs keep targets only and each device keeps its own model and
+digests its fog's targets (FedMD's loop); its own model is then what is
+scored. :class:`RACMKD` builds on it and adds the fog models.
 """
 from __future__ import annotations
 
@@ -37,43 +38,25 @@ from flwr.serverapp import Grid
 
 from fedkd.allocator import AllIn, DevicePlan, plans_for
 from fedkd.codecs import decode_any, get_codec
-from fedkd.fog import blend, cross_modal_targets, merge_fog_targets, reliability
-from fedkd.fog_models import FogModels
+from fedkd.contract import StrategyEnv
+from .fog import blend, cross_modal_targets, merge_fog_targets, reliability
+from .fog_models import FogModels
 from fedkd.logit_exchange import MESSAGE_TYPE, LogitExchange
 from fedkd.registry import resolve_allocator
 from fedkd.resource_allocator import DeviceHardware, ResourceAware, TaskShape
-from fedkd.runtime.architectures import Architecture, population_architectures
-from fedkd.runtime.records import FOG_MODEL, payload_bytes
-from fedkd.runtime.server import node_profile
+from fedkd.architectures import Architecture, population_architectures
+from fedkd.protocol import FOG_MODEL, payload_bytes
 from fedkd.labels import labelled_order, labelled_public, unlabelled_public
-from fedkd.scoring import PanelDevice, PanelModel, own_model
+from fedkd.scoring import PanelDevice, PanelModel, node_profile
 from fedkd.seeding import rng_for
 
-SHARES_WEIGHTS = False
+class FogTargetsKD(LogitExchange):
+    """RA-CMKD's first design: fogs keep cross-modal targets; devices keep their own models and digest them."""
 
-
-class RACMKD(LogitExchange):
     def __init__(self, allocator: str = "resource_aware", allocator_params: dict | None = None,
                  peer_weight: float = 0.25, cloud_share: float = 0.5, backhaul_codec: str = "int8",
-                 check_teachers: bool = True, bank_samples: int = 256, fog_models: bool = True,
-                 fog_distill_epochs: int = 2, fog_learning_rate: float = 1e-3, fog_batch_size: int = 64,
-                 align_weight: float = 0.1, align_dim: int = 16, cloud_model_share: float = 0.0,
-                 validation_samples: int = 200, model_downlink: str = "fp16", **kwargs):
+                 check_teachers: bool = True, bank_samples: int = 256, **kwargs):
         super().__init__(**kwargs)
-        if model_downlink not in MODEL_DTYPES:
-            raise ValueError(f"model_downlink must be one of {sorted(MODEL_DTYPES)}, got {model_downlink!r}")
-        self.use_fog_models, self.model_downlink = fog_models, model_downlink
-        self.fog_settings = {"epochs": fog_distill_epochs, "learning_rate": fog_learning_rate,
-                             "batch_size": fog_batch_size, "temperature": self.temperature,
-                             "align_weight": align_weight, "align_dim": align_dim}
-        FogModels.check_settings(**self.fog_settings)
-        if not 0 <= cloud_model_share <= 1:
-            raise ValueError(f"cloud_model_share must be in [0, 1], got {cloud_model_share}")
-        self.cloud_model_share = cloud_model_share
-        if validation_samples < 0:
-            raise ValueError(f"validation_samples must be 0 or more, got {validation_samples}")
-        self.validation_samples = validation_samples
-        self.fog_models: FogModels | None = None
         self._ctx = None
         self.devices: dict[Architecture, int] = {}  # the population's census, for scoring
         self._archs: dict[int, Architecture] = {}  # this round's devices' planned architectures
@@ -101,29 +84,18 @@ class RACMKD(LogitExchange):
         self.cloud_bank: dict[str, np.ndarray] = {}
         self._plans: dict[int, DevicePlan] = {}
         self._profiles: dict = {}
-        self._grid: Grid | None = None
         self.sat_out = 0  # devices the allocator kept out last round
 
-    def fedkd_attach_server(self, ctx) -> None:
-        """The public labels (fogs check their teachers on them); registrations and
-        model costs, for the allocator."""
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """The public set; the public labels (fogs check their teachers on them); registrations
+        and model costs, for the allocator."""
+        super().fedkd_setup(env)
+        ctx = env.ctx
+        if ctx is None:
+            return  # a unit test of the targets alone
         self._public_labels = ctx.dataset.split("public").labels
         self._ctx = ctx
-        if self.use_fog_models:
-            # A labelled validation set held out of what devices are asked about (as FedDF's): the
-            # run's first labelled public samples, the same ones every strategy with this budget reads.
-            size = len(ctx.dataset.split("public"))
-            held = min(self.validation_samples, size - 1)
-            validation = labelled_public(ctx.scenario.seed, size, held)
-            self.public_pool = unlabelled_public(ctx.scenario.seed, size, held)
-            # Labelled pretraining, when asked, happens once per fog model instead of on every device,
-            # on the labelled samples that come next in the run's order.
-            self.fog_models = FogModels(ctx, validation=validation, pretrain_epochs=self.public_pretrain_epochs,
-                                        pretrain_samples=self.public_pretrain_samples,
-                                        pretrain_pool=labelled_order(ctx.scenario.seed, size)[held:],
-                                        **self.fog_settings)
-            self._validation = validation
-            self.devices = population_architectures(ctx)
+        self._setup_fogs(ctx)
         if not isinstance(self.allocator, ResourceAware):
             return
         population, training = ctx.population, ctx.scenario.training
@@ -142,24 +114,37 @@ class RACMKD(LogitExchange):
 
         classes = ctx.dataset.num_classes
         batch = min(self.public_batch, len(ctx.dataset.split("public")))
-        # With fog models a device digests nothing: it downloads the model its fog distilled.
-        digest = 0 if self.use_fog_models else max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
-
-        @functools.cache  # the allocator asks for every plan of every device, every round
-        def model_bytes(tier: str, modalities: tuple[str, ...]) -> int:
-            model = ctx.new_model(tier, modalities=modalities)
-            return payload_bytes(RecordDict({FOG_MODEL: _model_record(model, self.model_downlink)}))
-
+        digest = self._digest_samples(ctx, batch)
         self.allocator.bind(hardware, flops, TaskShape(
             public_batch=batch, distill_samples=digest * self.distill_epochs, num_classes=classes,
             downlink_bytes=self._measure_downlink(batch, digest, classes), reply_overhead_bytes=_reply_overhead(),
-            model_bytes=model_bytes if self.use_fog_models else None), deadline_s=ctx.scenario.world.round_deadline_s)
+            model_bytes=self._model_bytes(ctx)), deadline_s=ctx.scenario.world.round_deadline_s)
+
+    # -- what RACMKD changes -------------------------------------------------------
+    def _setup_fogs(self, ctx) -> None:
+        """Before round 1, after the public labels: nothing more for fogs that keep targets only."""
+
+    def _digest_samples(self, ctx, batch: int) -> int:
+        """Public samples a device digests a round (for the allocator's cost model)."""
+        return max(batch, min(self.bank_samples, len(ctx.dataset.split("public"))))
+
+    def _model_bytes(self, ctx):
+        """Bytes of a model download by architecture, or None: devices download no models."""
+        return None
+
+    def _downloads(self) -> dict[tuple[int, Architecture], ArrayRecord] | None:
+        """Models the round's devices download, by (fog, architecture); None: devices keep their own."""
+        return None
+
+    def _fog_updates(self, fogs: list[int], server_round: int
+                     ) -> tuple[dict[int, float], dict[int, int], list[float]]:
+        """After the targets: each fog's FLOPs, each fog's model bytes swapped with the cloud, losses."""
+        return {}, {}, []
 
     def fedkd_state(self) -> dict:
         return {**super().fedkd_state(), "fog_targets": self.fog_targets, "cloud_targets": self.cloud_targets,
                 "fog_target_indices": self.fog_target_indices, "checked": sorted(self._checked),
-                "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out,
-                "fog_models": self.fog_models.state() if self.fog_models is not None else {}}
+                "fog_bank": self.fog_bank, "cloud_bank": self.cloud_bank, "sat_out": self.sat_out}
 
     def fedkd_restore(self, state: dict) -> None:
         super().fedkd_restore(state)
@@ -167,25 +152,10 @@ class RACMKD(LogitExchange):
         self.fog_target_indices, self._checked = state["fog_target_indices"], set(state["checked"])
         self.fog_bank, self.cloud_bank = state["fog_bank"], state["cloud_bank"]
         self.sat_out = state["sat_out"]
-        if self.fog_models is not None:
-            self.fog_models.restore(state["fog_models"])
-
-    def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel:
-        """With fog models a device runs its fog's model of its architecture; without, its own."""
-        if self.fog_models is None:
-            return own_model(ctx, device, device_state)
-        fog, arch = device.fog or 0, Architecture(device.model_tier, device.modalities)
-        return PanelModel(("fog", fog, arch), lambda: self.fog_models.model(fog, arch))
 
     def fedkd_labels_read(self) -> dict[str, np.ndarray]:
-        """Labelled public samples read: the fogs' validation set, the public samples whose
-        labels checked the teachers, and pretraining's."""
-        read = {"teacher_check": np.array(sorted(self._checked), dtype=np.int64)} if self._checked else {}
-        if self.fog_models is not None:
-            read["validation"] = self._validation
-            if self.public_pretrain_epochs > 0:
-                read["pretrain"] = self.fog_models.pretrain_indices()
-        return read
+        """Labelled public samples read: those whose labels checked the teachers."""
+        return {"teacher_check": np.array(sorted(self._checked), dtype=np.int64)} if self._checked else {}
 
     def _measure_downlink(self, batch: int, digest: int, classes: int) -> int:
         config = ConfigRecord({"server-round": 1, "public-indices": list(range(batch)), "codec": "int8",
@@ -200,29 +170,26 @@ class RACMKD(LogitExchange):
     # -- Flower's Strategy API ----------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._grid = grid
+        network = self.env.network
         candidates = self._sample(grid)
-        telemetry = grid.telemetry() if hasattr(grid, "telemetry") else None
+        telemetry = network.telemetry() if network is not None else None
         allocator = self.allocator if telemetry is not None else AllIn()
         plans = plans_for(allocator, server_round, candidates, telemetry)
         self._plans = {d: p for d, p in plans.items() if p.take_part}
         self.sat_out = len(plans) - len(self._plans)
-        self._profiles = grid.node_profiles(self._plans) if hasattr(grid, "node_profiles") else {}
+        self._profiles = network.node_profiles(self._plans) if network is not None else {}
         self._ask_public_batch(server_round)
         messages = []
         self._archs = {device: self._architecture(device, plan) for device, plan in self._plans.items()}
-        # One download per (fog, architecture), shared by its devices' messages.
-        downloads = {} if self.fog_models is None else {
-            (self._fog(d), arch): _model_record(self.fog_models.model(self._fog(d), arch), self.model_downlink)
-            for d, arch in self._archs.items()}
+        downloads = self._downloads()
         for device, plan in sorted(self._plans.items()):
             fog, arch = self._fog(device), self._archs[device]
-            targets = (None if self.fog_models is not None
+            targets = (None if downloads is not None
                        else self._targets_for(fog, "+".join(arch.modalities), server_round))
             task = self._task(server_round, plan.codec, plan.local_epochs, targets)
             task["modality"], task["model-tier"] = "+".join(arch.modalities), arch.tier
             content = RecordDict({"config": task})
-            if self.fog_models is not None:
+            if downloads is not None:
                 content[FOG_MODEL] = downloads[(fog, arch)]
             messages.append(Message(content, device, MESSAGE_TYPE))
         return messages
@@ -298,14 +265,7 @@ class RACMKD(LogitExchange):
             self.fog_target_indices[fog] = self._asked_indices
         self.target_indices = self._asked_indices
         self._file_in_banks(sorted(fog_views))
-        fog_flops, model_bytes, distill_losses = {}, {}, []
-        if self.fog_models is not None:
-            for fog in sorted(fog_views):
-                targets = {arch: found for arch in self.fog_models.architectures(fog)
-                           if (found := self._targets_for(fog, "+".join(arch.modalities), server_round)) is not None}
-                loss, fog_flops[fog] = self.fog_models.distill(fog, targets, server_round)
-                distill_losses.append(loss)
-            model_bytes = self.fog_models.share_through_cloud(sorted(fog_views), self.cloud_model_share)
+        fog_flops, model_bytes, distill_losses = self._fog_updates(sorted(fog_views), server_round)
         self._ship_over_backhaul(fog_views, fog_flops, model_bytes)
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in valid])
         losses = np.array([float(r.content["metrics"]["train-loss"]) for r in valid])
@@ -330,7 +290,8 @@ class RACMKD(LogitExchange):
         """Each fog sends its targets up and gets the cloud's down, on its own link; it
         computes its ensemble and, with fog models, distills them (``fog_flops``) and
         swaps them with the cloud (``model_bytes`` each way)."""
-        if self._grid is None or getattr(self._grid, "topology", None) is None:
+        network = self.env.network
+        if network is None or network.topology is None:
             return
         rows, cols = len(self._asked_indices), self.public.num_classes
         one = get_codec(self.backhaul_codec).encoded_size(rows, cols)
@@ -341,7 +302,95 @@ class RACMKD(LogitExchange):
             flops = 4.0 * devices * rows * cols * len(view) + fog_flops.get(fog, 0.0)
             moved = model_bytes.get(fog, 0)
             transfers[fog] = (one * len(view) + moved, one * len(self.cloud_targets) + moved, flops)
-        self._grid.backhaul(transfers)
+        network.backhaul(transfers)
+
+
+class RACMKD(FogTargetsKD):
+    """RA-CMKD: resource-aware cross-modal knowledge distillation through fog nodes."""
+
+    def __init__(self, fog_distill_epochs: int = 2, fog_learning_rate: float = 1e-3, fog_batch_size: int = 64,
+                 align_weight: float = 0.1, align_dim: int = 16, cloud_model_share: float = 0.0,
+                 validation_samples: int = 200, model_downlink: str = "fp16", **kwargs):
+        super().__init__(**kwargs)
+        if model_downlink not in MODEL_DTYPES:
+            raise ValueError(f"model_downlink must be one of {sorted(MODEL_DTYPES)}, got {model_downlink!r}")
+        self.model_downlink = model_downlink
+        self.fog_settings = {"epochs": fog_distill_epochs, "learning_rate": fog_learning_rate,
+                             "batch_size": fog_batch_size, "temperature": self.temperature,
+                             "align_weight": align_weight, "align_dim": align_dim}
+        FogModels.check_settings(**self.fog_settings)
+        if not 0 <= cloud_model_share <= 1:
+            raise ValueError(f"cloud_model_share must be in [0, 1], got {cloud_model_share}")
+        self.cloud_model_share = cloud_model_share
+        if validation_samples < 0:
+            raise ValueError(f"validation_samples must be 0 or more, got {validation_samples}")
+        self.validation_samples = validation_samples
+        self.fog_models: FogModels | None = None  # built by fedkd_setup
+
+    def _setup_fogs(self, ctx) -> None:
+        # A labelled validation set held out of what devices are asked about (as FedDF's): the
+        # run's first labelled public samples, the same ones every strategy with this budget reads.
+        size = len(ctx.dataset.split("public"))
+        held = min(self.validation_samples, size - 1)
+        validation = labelled_public(ctx.scenario.seed, size, held)
+        self.public_pool = unlabelled_public(ctx.scenario.seed, size, held)
+        # Labelled pretraining, when asked, happens once per fog model instead of on every device,
+        # on the labelled samples that come next in the run's order.
+        self.fog_models = FogModels(ctx, validation=validation, pretrain_epochs=self.public_pretrain_epochs,
+                                    pretrain_samples=self.public_pretrain_samples,
+                                    pretrain_pool=labelled_order(ctx.scenario.seed, size)[held:],
+                                    **self.fog_settings)
+        self._validation = validation
+        self.devices = population_architectures(ctx)
+
+    def _digest_samples(self, ctx, batch: int) -> int:
+        return 0  # a device digests nothing: it downloads the model its fog distilled
+
+    def _model_bytes(self, ctx):
+        @functools.cache  # the allocator asks for every plan of every device, every round
+        def model_bytes(tier: str, modalities: tuple[str, ...]) -> int:
+            model = ctx.new_model(tier, modalities=modalities)
+            return payload_bytes(RecordDict({FOG_MODEL: _model_record(model, self.model_downlink)}))
+
+        return model_bytes
+
+    def _downloads(self) -> dict[tuple[int, Architecture], ArrayRecord]:
+        # One download per (fog, architecture), shared by its devices' messages.
+        return {(self._fog(d), arch): _model_record(self.fog_models.model(self._fog(d), arch), self.model_downlink)
+                for d, arch in self._archs.items()}
+
+    def _fog_updates(self, fogs: list[int], server_round: int
+                     ) -> tuple[dict[int, float], dict[int, int], list[float]]:
+        """Each fog distills its bank into its models; then they are shared through the cloud."""
+        fog_flops, distill_losses = {}, []
+        for fog in fogs:
+            targets = {arch: found for arch in self.fog_models.architectures(fog)
+                       if (found := self._targets_for(fog, "+".join(arch.modalities), server_round)) is not None}
+            loss, fog_flops[fog] = self.fog_models.distill(fog, targets, server_round)
+            distill_losses.append(loss)
+        return fog_flops, self.fog_models.share_through_cloud(fogs, self.cloud_model_share), distill_losses
+
+    def fedkd_state(self) -> dict:
+        return {**super().fedkd_state(), "fog_models": self.fog_models.state() if self.fog_models is not None else {}}
+
+    def fedkd_restore(self, state: dict) -> None:
+        super().fedkd_restore(state)
+        if self.fog_models is not None:
+            self.fog_models.restore(state["fog_models"])
+
+    def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel:
+        """A device runs its fog's model of its architecture."""
+        fog, arch = device.fog or 0, Architecture(device.model_tier, device.modalities)
+        return PanelModel(("fog", fog, arch), lambda: self.fog_models.model(fog, arch))
+
+    def fedkd_labels_read(self) -> dict[str, np.ndarray]:
+        """Labelled public samples read: the public samples whose labels checked the teachers,
+        the fogs' validation set, and pretraining's."""
+        read = super().fedkd_labels_read()
+        read["validation"] = self._validation
+        if self.public_pretrain_epochs > 0:
+            read["pretrain"] = self.fog_models.pretrain_indices()
+        return read
 
 
 # What a fog model's weights travel as on the downlink; the device computes in float32.

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
+import torch
 
-from ..data import Dataset, Split, load_dataset
-from ..data.partition import Partitioner
-from ..models import build_model, measure_cost
-from ..models.multimodal import MultimodalNet
-from ..scenario import Scenario
-from ..seeding import hashed_uniform
-from ..sim.population import Population
+from .data import Dataset, Split, load_dataset
+from .data.dealing import make_partitioner
+from .data.partition import Partitioner
+from .models import build_model, measure_cost
+from .models.multimodal import MultimodalNet
+from .scenario import Scenario
+from .seeding import hashed_uniform
+from .sim.population import Population
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,20 @@ class SimulationContext:
         return load_dataset(spec.dataset, spec.options, self.scenario.seed)
 
     @cached_property
+    def torch_device(self) -> torch.device:
+        """Where models train and predict (``backend.torch_device``, ``auto`` resolved here)."""
+        return resolve_torch_device(self.scenario.backend.torch_device)
+
+    @cached_property
     def population(self) -> Population:
         return Population(self.scenario.population, self.scenario.seed)
 
     @cached_property
     def partitioner(self) -> Partitioner:
         train = self.dataset.split("train")
-        return Partitioner(self.scenario.data.partition, train.labels, train.domains,
-                           self.dataset.num_classes, self.scenario.seed, self.scenario.population.devices)
+        # fedkd's lazy partitioner, or a Flower Datasets one (same interface) when the scenario names it.
+        return make_partitioner(self.scenario.data.partition, train.labels, train.domains,
+                                self.dataset.num_classes, self.scenario.seed, self.scenario.population.devices)
 
     @cached_property
     def test_split(self) -> Split:
@@ -88,11 +96,13 @@ class SimulationContext:
         """A fresh model with an encoder for each of ``modalities`` (all by default).
 
         The global model's seed by default; a device's own when given, so that
-        devices with their own models start apart.
+        devices with their own models start apart. Placed on :attr:`torch_device`.
         """
         specs = [m for m in self.dataset.modalities if modalities is None or m.name in modalities]
-        return build_model(specs, self.dataset.num_classes, tier,
-                           seed=self.scenario.seed if seed is None else seed)
+        model = build_model(specs, self.dataset.num_classes, tier,
+                            seed=self.scenario.seed if seed is None else seed)
+        # Built on the CPU either way: the same seed gives the same initial weights on any device.
+        return model if self.torch_device.type == "cpu" else model.to(self.torch_device)
 
     def train_flops_per_sample(self, tier: str, modalities: tuple[str, ...]) -> int:
         return measure_cost(self.dataset.modalities, self.dataset.num_classes, tier,
@@ -101,6 +111,13 @@ class SimulationContext:
     def forward_flops_per_sample(self, tier: str, modalities: tuple[str, ...]) -> int:
         return measure_cost(self.dataset.modalities, self.dataset.num_classes, tier,
                             modalities).forward_flops_per_sample
+
+
+def resolve_torch_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda if torch sees a GPU, else cpu) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @lru_cache(maxsize=4)

@@ -1,4 +1,4 @@
-"""One device's step of serverless gossip distillation (client task ``train.gossip``).
+"""gossip_kd's device half: one device's step of serverless gossip distillation (``train.gossip``).
 
 The device receives the predictions its neighbours last sent it (records
 ``d2d.from.<sender>``: logits through a codec and the round they were made in,
@@ -32,19 +32,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
-from ..codecs import decode_any, get_codec
-from ..data.base import Split
-from ..device_models import SEP, model_key, pack, unpack
-from ..distill import kd_loss, softmax
-from ..models.multimodal import MultimodalNet
-from ..scenario import Scenario
-from ..seeding import derive_seed, rng_for
-from ..training import predict_logits, to_tensors
-from .context import simulation_context
-from .records import COST, STATE, cost_record, task_of
+from fedkd.codecs import decode_any, get_codec
+from fedkd.contract import DeviceCall
+from fedkd.data.base import Split
+from fedkd.device_models import SEP, device_model, model_key, pack, unpack
+from fedkd.distill import kd_loss, softmax
+from fedkd.models.multimodal import MultimodalNet
+from fedkd.seeding import derive_seed, rng_for
+from fedkd.training import model_device, predict_logits, to_tensors
 
 MESSAGE_TYPE = "train.gossip"
 GOSSIP = "fedkd.gossip"  # ConfigRecord: the protocol's constants (uncounted, see above)
@@ -83,13 +81,14 @@ def train_with_neighbours(model: MultimodalNet, private: Split, public: Split, m
                           heads: nn.ModuleDict | None = None) -> GossipOutcome:
     """Minimise cross-entropy on ``private`` plus ``distill_weight`` times the sum over
     ``teachers`` of the KD loss towards each (see the module docstring)."""
-    x_private = to_tensors(private, modalities)
-    y_private = torch.from_numpy(private.labels.astype(np.int64))
+    device = model_device(model)  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+    x_private = to_tensors(private, modalities, device)
+    y_private = torch.from_numpy(private.labels.astype(np.int64)).to(device)
     n_private = len(y_private)
     steps = math.ceil(n_private / batch_size)
     if teachers:
-        x_public = to_tensors(public.subset(np.concatenate([t.indices for t in teachers])), modalities)
-        targets = torch.from_numpy(np.concatenate([t.probs for t in teachers]).astype(np.float32))
+        x_public = to_tensors(public.subset(np.concatenate([t.indices for t in teachers])), modalities, device)
+        targets = torch.from_numpy(np.concatenate([t.probs for t in teachers]).astype(np.float32)).to(device)
         owner = torch.from_numpy(np.repeat(np.arange(len(teachers)), [len(t.indices) for t in teachers]))
         public_batch_size = math.ceil(len(targets) / steps)
     params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
@@ -166,21 +165,17 @@ def _heads_for(senders: Sequence[int], saved: dict[str, torch.Tensor], model: Mu
     return heads
 
 
-def handle_gossip(scenario: Scenario, message: Message) -> Message:
-    task = task_of(message)
-    device_id, server_round = int(task["device_id"]), int(task["round"])
-    ctx = simulation_context(scenario)
-    device = ctx.device(device_id)
+def gossip_task(call: DeviceCall) -> Message:
+    """The device task ``train.gossip``: learn from the neighbours' predictions, predict for them."""
+    ctx, device, scenario, message = call.ctx, call.device, call.scenario, call.message
+    device_id, server_round = call.device_id, call.server_round
     protocol = message.content[GOSSIP]
     training = scenario.training
     tier, modalities = device.model_tier, device.modalities
     key = model_key(tier, modalities)
-    model = ctx.new_model(tier, seed=derive_seed(scenario.seed, "device-model", device_id, key),
-                          modalities=modalities)
-    state = message.content.get(STATE)
-    weights, saved_heads = split_heads(unpack(state, key))
-    if weights is not None:
-        model.load_state_dict(weights)
+    state = call.state
+    _, saved_heads = split_heads(unpack(state, key))
+    model = device_model(ctx, device_id, tier, modalities, strip_heads(state))
     public = ctx.dataset.split("public")
     batch, temperature = int(protocol["public-batch"]), float(protocol["temperature"])
     distill_weight = float(protocol["distill-weight"])
@@ -212,8 +207,5 @@ def handle_gossip(scenario: Scenario, message: Message) -> Message:
         flops += 6 * model.feature_dim * ctx.dataset.num_classes * outcome.public_seen
         keep.update({f"{HEAD_PREFIX}{s}.{p}": w for s, head in heads.items() for p, w in head.state_dict().items()})
     payload = get_codec(str(protocol["codec"])).encode(logits)
-    return Message(RecordDict({
-        REPLY: ConfigRecord({"payload": payload, "round": server_round}),
-        STATE: pack(state, key, keep),
-        COST: cost_record(flops),
-    }), reply_to=message)
+    return call.reply({REPLY: ConfigRecord({"payload": payload, "round": server_round})}, flops,
+                      state=pack(state, key, keep))

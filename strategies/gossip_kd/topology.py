@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .seeding import hashed_uniform, rng_for
+from fedkd.seeding import hashed_uniform, rng_for
 
 Graph = dict[int, tuple[int, ...]]
 KINDS = ("ring", "k_regular", "geometric", "time_varying")

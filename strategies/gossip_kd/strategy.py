@@ -13,7 +13,7 @@ There is no aggregator. This class is only the simulation's orchestrator;
 each round it
 
 1. takes the devices online now (all of them take part);
-2. builds the round's device-to-device graph (:mod:`fedkd.topology`:
+2. builds the round's device-to-device graph (:mod:`.topology`:
    ``ring``, ``k_regular``, ``geometric``, ``time_varying``);
 3. hands each device what its neighbours pushed to it when they last
    finished (records ``d2d.from.<j>``), and the protocol's constants;
@@ -29,7 +29,7 @@ exchange. A push reaches a neighbour at its next task, so a device that was
 offline picks up what was sent to it when it returns; its receive leg is
 timed then.
 
-Devices keep their own models (any tier, any sensors): :mod:`fedkd.runtime.gossip_client`.
+Devices keep their own models (any tier, any sensors): :mod:`.device`.
 Scores: the mean test accuracy of the devices' own models, as for the other
 strategies whose devices keep their models (``accuracy_min`` is the worst),
 plus ``disagreement``: over the round's edges, the share of test samples on
@@ -48,21 +48,24 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedkd.codecs import get_codec
+from fedkd.contract import FedkdStrategy, StrategyEnv
+from fedkd.strategy_parts import NoClientEvaluation
 from fedkd.device_models import model_key, unpack
-from fedkd.runtime.gossip_client import FROM, GOSSIP, MESSAGE_TYPE, REPLY, strip_heads
+from .device import FROM, GOSSIP, MESSAGE_TYPE, REPLY, gossip_task, strip_heads
 from fedkd.scoring import PanelDevice, PanelModel, own_model
 from fedkd.seeding import derive_seed, rng_for
 from fedkd.sim.grid import D2D_ROUTE
-from fedkd.topology import KINDS, Graph, edges, round_graph
+from .topology import KINDS, Graph, edges, round_graph
 from fedkd.training import predict_logits
-
-SHARES_WEIGHTS = False
 
 # Disagreement is scored on at most this many of the round's edges (a seeded sample).
 DISAGREEMENT_EDGES = 48
 
 
-class GossipKD(Strategy):
+class GossipKD(FedkdStrategy, NoClientEvaluation, Strategy):
+    shares_weights = False
+    device_tasks = {MESSAGE_TYPE: gossip_task}
+
     def __init__(self, topology: str = "ring", degree: int = 4, radio_range: float = 0.3,
                  public_batch: int = 128, codec: str = "fp32", temperature: float = 1.0,
                  distill_weight: float = 0.25, aux_heads: bool = False, local_epochs: int | None = None,
@@ -93,12 +96,12 @@ class GossipKD(Strategy):
         self.seed = 0
         self.graph: Graph = {}  # this round's
         self.inbox: dict[int, dict[int, ConfigRecord]] = {}  # receiver -> sender -> its last push
-        self._grid: Grid | None = None
         self._round = 0
 
-    def fedkd_attach_server(self, ctx) -> None:
-        """Called by fedkd before round 1: the population's size and seed, for the graphs."""
-        self.population_size, self.seed = ctx.population.size, ctx.scenario.seed
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """Before round 1: the population's size and the run's seed, for the graphs."""
+        super().fedkd_setup(env)
+        self.population_size, self.seed = env.ctx.population.size, env.ctx.scenario.seed
 
     def fedkd_state(self) -> dict:
         """What later rounds depend on, for checkpoints: the predictions waiting for each device."""
@@ -115,8 +118,8 @@ class GossipKD(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.population_size is None:
-            raise RuntimeError("GossipKD needs fedkd_attach_server() before round 1")
-        self._grid, self._round = grid, server_round
+            raise RuntimeError("GossipKD needs fedkd_setup() before round 1")
+        self._round = server_round
         _, online = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         self.graph = round_graph(self.topology, self.population_size, online, seed=self.seed,
                                  server_round=server_round, degree=self.degree, radio_range=self.radio_range)
@@ -140,28 +143,23 @@ class GossipKD(Strategy):
                 self.inbox.setdefault(neighbour, {})[sender] = reply.content[REPLY]
         return None, MetricRecord({"devices": len(done), "failed": len(replies) - len(done)})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
-
     # -- fedkd's scoring hook ---------------------------------------------------------
     def fedkd_panel_model(self, ctx, device: PanelDevice, device_state: dict) -> PanelModel:
         """A device runs its own model, without the neighbours' heads it trains beside it."""
         return own_model(ctx, device, device_state, strip=strip_heads)
 
     def fedkd_round_metrics(self, ctx, device_state: dict) -> dict[str, float]:
-        """The devices' disagreement across edges, and D2D traffic."""
-        models = {d: strip_heads(s) for d, s in device_state.items()}
+        """The devices' disagreement across edges (the recorder counts the D2D traffic)."""
+        from fedkd.sim.state_store import mapped_view
+
+        # Read on demand: only the devices of the (at most DISAGREEMENT_EDGES) sampled edges,
+        # never every stored state (a million devices may hold one).
+        models = mapped_view(device_state, strip_heads)
         metrics: dict[str, float] = {}
         pairs = edges(self.graph)
         if pairs:
             metrics["disagreement"] = self._disagreement(ctx, models, pairs)
             metrics["graph_edges"] = float(len(pairs))
-        if self._grid is not None and hasattr(self._grid, "d2d_traffic"):
-            metrics.update(self._grid.d2d_traffic(self._round))
         return metrics
 
     def _disagreement(self, ctx, models: dict[int, ArrayRecord], pairs: list[tuple[int, int]]) -> float:

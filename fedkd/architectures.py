@@ -9,20 +9,19 @@ Two devices share weights only when both tier and sensors match.
 Here: the architecture key, the census of the population by architecture,
 and what FedDF and the centralized reference share (checkpoints, and which
 model a device of the evaluation panel runs: its architecture's). Devices train a per-architecture model with
-the ordinary ``train`` handler, which builds the encoders it is sent.
+fedkd's weight-training task, which builds the encoders it is sent.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..scoring import PanelModel
-from ..sim.grid import NodeProfile
+from .contract import FedkdStrategy, StrategyEnv
+from .scoring import PanelModel
+from .sim.grid import NodeProfile
+from .weight_training import train_weights
 from .context import SimulationContext
 
 # The message type of a task that trains the device's own architecture.
@@ -68,30 +67,30 @@ def population_architectures(ctx: SimulationContext) -> dict[Architecture, int]:
     return dict(sorted(counts.items()))
 
 
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Server-side training and scoring on one thread, as client tasks run: the same numbers
-    whichever strategy ran first in this process and on every backend (and no fight for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def new_model(ctx: SimulationContext, arch: Architecture) -> nn.Module:
     """A fresh model of ``arch``, initialised from the scenario's seed."""
     return ctx.new_model(arch.tier, modalities=arch.modalities)
 
 
-class ArchitectureModels:
+class ArchitectureModels(FedkdStrategy):
     """For strategies that keep one model per architecture on the server (FedDF, the
     centralized reference): checkpoints of ``self.models`` and their scoring, built for
-    ``self.devices`` (Architecture -> devices of the population that run it)."""
+    ``self.devices`` (Architecture -> devices of the population that run it) by
+    :meth:`fedkd_setup`. Devices train their architecture's model with the weight-training
+    task (``train.architecture``)."""
 
+    shares_weights = False  # weights are averaged only within an architecture: any mix of tiers and sensors
+    device_tasks = {TRAIN_OWN_ARCHITECTURE: train_weights}
     models: dict[Architecture, nn.Module]
     devices: dict[Architecture, int]
+    ctx: SimulationContext | None = None
+
+    def fedkd_setup(self, env: StrategyEnv) -> None:
+        """Before round 1: the server's context, and one fresh model per architecture."""
+        super().fedkd_setup(env)
+        self.ctx = env.ctx
+        self.devices = population_architectures(env.ctx)
+        self.models = {arch: new_model(env.ctx, arch) for arch in self.devices}
 
     def fedkd_state(self) -> dict:
         """The model of each architecture, for checkpoints."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .distill import softmax
+from fedkd.distill import softmax
 
 
 def confidence(probs: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The models a fog node keeps: one per architecture its devices run.
 
-A fog distills its cross-modal ensemble (fedkd.fog) into these models on the
+A fog distills its cross-modal ensemble (``fog.py``) into these models on the
 public samples its knowledge bank holds, and a device it asks for work
 downloads the model of its planned architecture (tier and sensors) as its
 starting point. That way a device asked twice in twenty rounds still starts
@@ -10,7 +10,7 @@ serves is its fog's model of its architecture, as a FedAvg device serves
 the global model.
 
 While distilling, the fog also aligns its models' encoders across
-modalities on the public pairs (fedkd.alignment), through projection heads
+modalities on the public pairs (``alignment.py``), through projection heads
 sized to each model's tier. Fog compute is the fog's, reported as FLOPs for
 the simulated backhaul, never as device energy.
 """
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alignment import alignment_loss, projection_head
-from .distill import kd_loss
-from .runtime.architectures import Architecture, new_model, single_threaded
-from .seeding import derive_seed
-from .training import predict_logits, to_tensors, train_local
+from fedkd.distill import kd_loss
+from fedkd.architectures import Architecture, new_model
+from fedkd.threads import single_threaded
+from fedkd.seeding import derive_seed
+from fedkd.training import model_device, predict_logits, to_tensors, train_local
 
 
 class FogModels:
@@ -117,13 +118,14 @@ class FogModels:
         heads = [self.heads[(fog, a)] for a in archs]
         names = sorted({m for a in archs for m in a.modalities})
         pairs = np.unique(np.concatenate([targets[a][0] for a in archs]))
-        pair_inputs = to_tensors(public.subset(pairs), names)
+        device = model_device(models[0])  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+        pair_inputs = to_tensors(public.subset(pairs), names, device)
         align = self.align_weight > 0 and len(names) > 1 and len(pairs) > 1
         sets = []
         for arch in archs:
             indices, probs = targets[arch]
-            sets.append((to_tensors(public.subset(indices), arch.modalities),
-                         torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))))
+            sets.append((to_tensors(public.subset(indices), arch.modalities, device),
+                         torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).to(device)))
         params = [p for m in models for p in m.parameters()]
         if align:
             params += [p for h in heads for p in h.parameters()]

@@ -1,7 +1,7 @@
-"""The device side of ``teacher_kd``: a teacher labels the device's unlabeled
+"""teacher_kd's device half: a teacher labels the device's unlabeled
 stream, and the device's own student learns from those soft labels alone.
 
-Two messages (see ``strategies/teacher_kd.py`` for the server side):
+Two messages (see ``strategy.py`` for the server side):
 
 - ``query.teacher`` (teacher at the edge, first leg): the device uploads its
   unlabeled samples in the modalities the teacher reads. Nothing is learned.
@@ -12,7 +12,7 @@ Two messages (see ``strategies/teacher_kd.py`` for the server side):
   loss. The labels of its shard are never read.
 
 The student is the device's own model (its tier, its sensors); it travels in
-the device's state under its ``fedkd.device_models`` key, as in ``handle_logits``.
+the device's state under its ``fedkd.device_models`` key, as in ``fedkd.logit_exchange.logits_task``.
 """
 from __future__ import annotations
 
@@ -20,16 +20,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from torch import nn
 
-from ..codecs import decode_any
-from ..device_models import model_key, pack, unpack
-from ..distill import distill_on, softmax
-from ..scenario import Scenario
-from ..seeding import derive_seed
-from .context import simulation_context
-from .records import COST, STATE, cost_record, task_of
+from fedkd.codecs import decode_any
+from fedkd.contract import DeviceCall
+from fedkd.device_models import device_model, model_key, pack
+from fedkd.distill import distill_on, softmax
+from fedkd.training import model_device
 
 
 @torch.no_grad()
@@ -37,38 +35,33 @@ def soft_labels(teacher: nn.Module, inputs: Mapping[str, np.ndarray], temperatur
                 batch_size: int = 1024) -> np.ndarray:
     """The teacher's probabilities at temperature T for unlabeled ``inputs`` (one array per modality)."""
     teacher.eval()
-    tensors = {m: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for m, x in inputs.items()}
+    device = model_device(teacher)  # cpu or cuda (backend.torch_device)
+    tensors = {m: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device) for m, x in inputs.items()}
     n = len(next(iter(tensors.values())))
     logits = [teacher({m: x[s:s + batch_size] for m, x in tensors.items()}) for s in range(0, n, batch_size)]
-    return softmax(torch.cat(logits).numpy().astype(np.float64), temperature).astype(np.float32)
+    return softmax(torch.cat(logits).cpu().numpy().astype(np.float64), temperature).astype(np.float32)
 
 
-def handle_teacher_query(scenario: Scenario, message: Message) -> Message:
-    """Upload the device's unlabeled samples, in the modalities the teacher reads."""
-    device = simulation_context(scenario).device(int(task_of(message)["device_id"]))
-    reads = [m for m in message.content["config"]["teacher-modalities"] if m in device.modalities]
+def query_task(call: DeviceCall) -> Message:
+    """``query.teacher``: upload the device's unlabeled samples, in the modalities the teacher reads."""
+    device = call.device
+    reads = [m for m in call.message.content["config"]["teacher-modalities"] if m in device.modalities]
     if not reads:
         raise ValueError(f"device senses {list(device.modalities)}, none of which the teacher reads")
     samples = ArrayRecord({m: Array(np.ascontiguousarray(device.data.inputs[m])) for m in reads})
-    return Message(RecordDict({"samples": samples, COST: cost_record(0.0)}), reply_to=message)
+    return call.reply({"samples": samples}, 0.0)
 
 
-def handle_teacher(scenario: Scenario, message: Message) -> Message:
-    """Label the local samples with the teacher (or take the edge's labels); train the student on them."""
-    task = task_of(message)
-    device_id, server_round = int(task["device_id"]), int(task["round"])
-    ctx = simulation_context(scenario)
-    device = ctx.device(device_id)
+def teach_task(call: DeviceCall) -> Message:
+    """``train.teacher``: label the local samples with the teacher (or take the edge's labels);
+    train the student on them."""
+    ctx, device, message = call.ctx, call.device, call.message
     config = message.content["config"]
-    training = scenario.training
+    training = call.scenario.training
     temperature = float(config["temperature"])
     key = model_key(device.model_tier, device.modalities)
-    student = ctx.new_model(device.model_tier, seed=derive_seed(scenario.seed, "device-model", device_id, key),
-                            modalities=device.modalities)
-    state = message.content.get(STATE)
-    weights = unpack(state, key)
-    if weights is not None:
-        student.load_state_dict(weights)
+    state = call.state
+    student = device_model(ctx, call.device_id, device.model_tier, device.modalities, state)
     flops = 0.0
     if "teacher" in message.content:
         reads = tuple(config["teacher-modalities"])
@@ -85,10 +78,7 @@ def handle_teacher(scenario: Scenario, message: Message) -> Message:
     kd_loss = distill_on(student, device.data, device.modalities, targets, epochs=epochs,
                          batch_size=training.batch_size, learning_rate=training.learning_rate,
                          temperature=temperature,
-                         seed=derive_seed(scenario.seed, "teacher-kd", server_round, device_id))
+                         seed=call.seed("teacher-kd", call.server_round, call.device_id))
     flops += ctx.train_flops_per_sample(device.model_tier, device.modalities) * len(device.data) * epochs
-    return Message(RecordDict({
-        "metrics": MetricRecord({"num-examples": len(device.data), "kd-loss": kd_loss}),
-        STATE: pack(state, key, student.state_dict()),
-        COST: cost_record(flops),
-    }), reply_to=message)
+    return call.reply({"metrics": MetricRecord({"num-examples": len(device.data), "kd-loss": kd_loss})}, flops,
+                      state=pack(state, key, student.state_dict()))

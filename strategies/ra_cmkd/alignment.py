@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.multimodal import TIERS, MultimodalNet
+from fedkd.models.multimodal import TIERS, MultimodalNet
 
 
 def projection_head(tier: str, out_dim: int, seed: int) -> nn.Module:
@@ -33,10 +33,6 @@ def projection_head(tier: str, out_dim: int, seed: int) -> nn.Module:
         if tier == "tiny":
             return nn.Linear(features, out_dim)
         return nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Linear(features, out_dim))
-
-
-def head_parameters(tier: str, out_dim: int) -> int:
-    return sum(p.numel() for p in projection_head(tier, out_dim, 0).parameters())
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
