@@ -71,9 +71,10 @@ def cmd_validate(args) -> int:
 def cmd_strategies(args) -> int:
     from .registry import registered_strategies, resolve_strategy
 
-    for name in registered_strategies():
-        ref = resolve_strategy(name)
-        print(f"{name:<14} {ref.description}")
+    names = list(registered_strategies())
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {resolve_strategy(name).description}")
     return 0
 
 
@@ -219,13 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import FedkdError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is caught below
+        return status
     except FedkdError as exc:
         print(f"fedkd: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedkd: interrupted; results already written are intact", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fedkd devices | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -188,7 +188,10 @@ def _load_class(name: str, kind: _Kind) -> tuple[ModuleType, type]:
 
 def _description(module: ModuleType, cls: type) -> str:
     """The first line of the class's own docstring, else of its module's."""
-    own = cls.__dict__.get("__doc__") if cls.__module__ == module.__name__ else None
+    # The class's own docstring when the class is the module's (or its package's), not one it
+    # re-exports (fedavg is Flower's FedAvg: its docstring is Flower's).
+    mine = cls.__module__ == module.__name__ or cls.__module__.startswith(module.__name__ + ".")
+    own = cls.__dict__.get("__doc__") if mine else None
     for doc in (own, module.__doc__):
         text = inspect.cleandoc(doc or "")
         if text:

@@ -1,4 +1,4 @@
-"""gossip_kd: serverless distillation between neighbours (Bistritz et al. 2020).
+"""Gossip KD: serverless distillation between neighbours on a device-to-device graph (Bistritz et al. 2020).
 
 ``strategy``: the simulation's side (who neighbours whom each round, who heard
 what); ``device``: the device task; ``topology``: the device-to-device graphs.

@@ -1,4 +1,4 @@
-"""teacher_kd: a big pretrained teacher labels the devices' unlabeled data (Molo et al. 2024).
+"""Teacher KD: a big pretrained teacher labels devices' unlabeled data; students learn from its KD loss alone (Molo et al. 2024).
 
 ``strategy``: the server's side (the teacher, who is asked what); ``device``: the device tasks.
 """
