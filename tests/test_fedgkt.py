@@ -18,7 +18,6 @@ from fedkd.codecs import HEADER_BYTES, decode_any, get_codec
 from fedkd.contract import DeviceCall
 from fedkd.device_models import model_key, model_keys
 from fedkd.registry import resolve_strategy
-from fedkd.runner import run_scenario
 from fedkd.context import simulation_context
 from fedkd.protocol import COST, STATE, TASK
 from fedkd.scenario import Scenario, parse_scenario
@@ -187,20 +186,11 @@ def test_fedgkt_learns_and_moves_exactly_features_logits_and_labels(write_scenar
 
 
 def test_a_run_stopped_after_each_round_ends_as_the_uninterrupted_one(tmp_path):
-    from fedkd.checkpoint import CheckpointStore
 
-    from .test_resume import Stop, as_csv, restless_world, stop_at
+    from .test_resume import restless_world, resumed_after_stops
 
     raw = restless_world(gkt_scenario(rounds=3, fraction=0.5, epochs=1, samples=20))  # two fogs, a server model each
     scenario = parse_scenario(raw)
-    uninterrupted = as_csv(run_scenario(scenario))
-    store = CheckpointStore(tmp_path, scenario)
-    stops, resume = 0, False
-    while True:
-        try:
-            runs = run_scenario(scenario, stop_at(2), store, resume=resume)
-            break
-        except Stop:
-            stops, resume = stops + 1, True
+    stops, uninterrupted, resumed = resumed_after_stops(scenario, tmp_path)
     assert stops == 1
-    assert as_csv(runs) == uninterrupted
+    assert resumed == uninterrupted

@@ -11,12 +11,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.checkpoint import CheckpointStore, decode, encode
+from fedkd.checkpoint import decode, encode
 from fedkd.codecs import decode_any, get_codec
 from fedkd.contract import DeviceCall, PublicSet, StrategyEnv
 from fedkd.device_models import device_model
 from fedkd.registry import resolve_strategy
-from fedkd.runner import run_scenario
 from fedkd.runtime.backends import run_backend
 from fedkd.runtime.client import make_client_app
 from fedkd.context import simulation_context
@@ -26,7 +25,7 @@ from fedkd.scenario import Scenario, parse_scenario
 from fedkd.training import to_tensors
 
 from .conftest import TINY
-from .test_resume import Stop, as_csv, stop_at
+from .test_resume import resumed_after_stops
 
 FedProto = resolve_strategy("fedproto").cls
 fedproto = importlib.import_module(FedProto.__module__)
@@ -177,8 +176,6 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     raw.update(rounds=3, strategy_defaults={"fraction_train": 0.5, "min_available_nodes": 2},
                strategies=[{"name": "fedproto"}])
     scenario = parse_scenario(raw)
-    uninterrupted = as_csv(run_scenario(scenario))
-    store = CheckpointStore(tmp_path, scenario)
-    with pytest.raises(Stop):
-        run_scenario(scenario, stop_at(2), store)
-    assert as_csv(run_scenario(scenario, None, store, resume=True)) == uninterrupted
+    stops, uninterrupted, resumed = resumed_after_stops(scenario, tmp_path)
+    assert stops == 1
+    assert resumed == uninterrupted

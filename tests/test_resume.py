@@ -69,6 +69,21 @@ def as_csv(runs) -> tuple[str, str]:
             devices_frame(runs).to_csv(index=False, lineterminator="\n"))
 
 
+
+def resumed_after_stops(scenario, tmp_path) -> tuple[int, list[str], list[str]]:
+    """Run ``scenario`` whole; then again, stopped after round 2 of each strategy and resumed
+    each time. Returns (stops, the uninterrupted run's CSVs, the resumed run's CSVs)."""
+    uninterrupted = as_csv(run_scenario(scenario))
+    store = CheckpointStore(tmp_path, scenario)
+    stops, resume = 0, False
+    while True:
+        try:
+            runs = run_scenario(scenario, stop_at(2), store, resume=resume)
+            return stops, uninterrupted, as_csv(runs)
+        except Stop:
+            stops, resume = stops + 1, True
+
+
 def test_every_strategy_state_survives_a_stop_after_each_round(tmp_path):
     # Prepare: strategies that keep state between rounds (targets, fog views, per-architecture
     # models, device models), in a world whose devices fail in every way.
