@@ -21,15 +21,24 @@ completed a training task), per sensor set, per tier, per device class, per
 fog (``accuracy_fog_min``/``max``) and the worst device (``accuracy_min``).
 
 Nothing here ever chooses between models by their test accuracy.
+
+A run scores most models unchanged from the round before (a device that did
+not train keeps its model), so a :class:`ScoreCache` remembers the last
+rounds' accuracies by exactly what was scored: the model's key, the sensors
+it was fed and a digest of its weights' bytes. It only saves work: the same
+weights on the same data give the same accuracy, so a hit is the number a
+recomputation would give, and an empty cache (a resumed run) the same numbers.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Iterable
+import hashlib
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import nn
 
 from .seeding import derive_seed, rng_for
@@ -37,6 +46,9 @@ from .sim.grid import NodeProfile
 
 # How many devices the evaluation panel holds by default.
 PANEL_DEVICES = 64
+
+# The fingerprint of a device's initial (never trained) model: its PanelModel key identifies it.
+INITIAL_WEIGHTS = "initial"
 
 
 # A panel device as it registered: what it senses and runs, where it sits.
@@ -50,6 +62,10 @@ class PanelModel:
 
     key: Hashable
     build: Callable[[], nn.Module]
+    # What the weights are, exactly, without building the model (``weights_fingerprint`` of
+    # what ``build`` loads): an unchanged model then skips its build as well as its scoring.
+    # None: the built model's own state is fingerprinted.
+    fingerprint: Callable[[], Hashable | None] | None = None
 
 
 @runtime_checkable
@@ -116,7 +132,8 @@ def global_model(ctx, arrays_state: dict) -> PanelModel:
         model.load_state_dict(arrays_state)
         return model
 
-    return PanelModel("global", build)
+    # The global model is a fresh seeded model with every weight loaded (strict): its weights say it all.
+    return PanelModel("global", build, functools.cache(lambda: weights_fingerprint(arrays_state)))
 
 
 def own_model(ctx, device: PanelDevice, device_state: dict, strip: Callable | None = None) -> PanelModel:
@@ -135,26 +152,106 @@ def own_model(ctx, device: PanelDevice, device_state: dict, strip: Callable | No
             model.load_state_dict(weights)
         return model
 
-    return PanelModel(("device", device.device_id, key), build)
+    def fingerprint() -> Hashable | None:
+        # Untrained, it runs its initial model: a pure function of the run, the device and
+        # the model key (seeded), which the PanelModel's key already names.
+        return INITIAL_WEIGHTS if weights is None else weights_fingerprint(weights)
+
+    return PanelModel(("device", device.device_id, key), build, fingerprint)
 
 
 def score_panel(ctx, panel: list[PanelDevice], model_of: Callable[[PanelDevice], PanelModel],
-                trained: Iterable[int] = ()) -> tuple[float, dict[str, float]]:
-    """Each panel device's test accuracy with the model ``model_of`` names, fed its own sensors."""
+                trained: Iterable[int] = (), scores: ScoreCache | None = None
+                ) -> tuple[float, dict[str, float]]:
+    """Each panel device's test accuracy with the model ``model_of`` names, fed its own sensors.
+    ``scores``: the run's cache of earlier rounds' accuracies (else nothing is reused)."""
     from .threads import single_threaded
-    from .training import accuracy
 
-    test = ctx.test_split
-    cache: dict[tuple, float] = {}
+    scores = scores if scores is not None else ScoreCache(ctx.test_split)
+    if scores.data is not ctx.test_split:
+        raise ValueError("the score cache holds accuracies on another test split")
+    # Devices with the same key run the same weights: scored (and fingerprinted) once per round.
+    this_round: dict[tuple, float] = {}
     accuracies = np.empty(len(panel))
     with single_threaded():
         for i, device in enumerate(panel):
             choice = model_of(device)
             slot = (choice.key, device.modalities)
-            if slot not in cache:
-                cache[slot] = accuracy(choice.build(), test, device.modalities)
-            accuracies[i] = cache[slot]
+            if slot not in this_round:
+                this_round[slot] = scores.accuracy(choice, device.modalities)
+            accuracies[i] = this_round[slot]
     return float(accuracies.mean()), panel_metrics(panel, accuracies, set(trained))
+
+
+def weights_fingerprint(weights: Mapping[str, object]) -> bytes | None:
+    """An exact digest of a state dict: every entry's name, dtype, shape and bytes, in order.
+    One changed bit changes it. None when an entry is not an array (nothing to hash exactly)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name, value in weights.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            return None
+        tensor = value.detach().cpu().contiguous()
+        header = repr((name, str(tensor.dtype), tuple(tensor.shape))).encode()
+        # Length-prefixed, so no two different state dicts feed the hash the same bytes.
+        digest.update(len(header).to_bytes(8, "little") + header)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.digest()
+
+
+def module_fingerprint(model: nn.Module) -> bytes | None:
+    """``weights_fingerprint`` of a built model: its state dict and every buffer, including
+    those a state dict leaves out (non-persistent ones)."""
+    buffers = {f"buffer:{name}": buffer for name, buffer in model.named_buffers()}
+    return weights_fingerprint({**model.state_dict(), **buffers})
+
+
+class ScoreCache:
+    """Test accuracies on one data split, by exactly what was scored: (model key, sensors fed,
+    fingerprint of the weights). A run's models mostly stay as they were from one round to the
+    next, so only changed ones are scored again.
+
+    Bounded: a round keeps only the entries it used or computed, the round before is then
+    dropped (``new_round``), so it holds about one panel's worth whatever the population.
+    Only an accelerator: a hit is the number recomputing would give, the same on every round
+    (scoring is deterministic: eval mode, one thread, the same batches), so an empty cache,
+    as after ``--resume``, gives the same numbers.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self._previous: dict[tuple, float] = {}
+        self._current: dict[tuple, float] = {}
+        self.computed = 0  # accuracies worked out, not reused (for tests and profiling)
+
+    def new_round(self) -> None:
+        """Entries the closing round did not use are forgotten."""
+        self._previous, self._current = self._current, {}
+
+    def accuracy(self, choice: PanelModel, modalities: tuple[str, ...]) -> float:
+        """``choice``'s accuracy on the data fed ``modalities``, reused while its weights are unchanged."""
+        built = None if choice.fingerprint is not None else choice.build()
+        fingerprint = choice.fingerprint() if built is None else module_fingerprint(built)
+        entry = (choice.key, tuple(modalities), fingerprint)
+        if fingerprint is not None and entry in self._current:
+            found = self._current[entry]
+        elif fingerprint is not None and entry in self._previous:
+            found = self._current[entry] = self._previous.pop(entry)
+        else:  # changed, new, or nothing exact to key on (then scored every time)
+            found = self._compute(built if built is not None else choice.build(), modalities)
+            if fingerprint is not None:
+                self._current[entry] = found
+            return found
+        if built is not None:
+            built.eval()  # what scoring it would have left on a strategy's live model
+        return found
+
+    def _compute(self, model: nn.Module, modalities: tuple[str, ...]) -> float:
+        from .training import accuracy
+
+        self.computed += 1
+        return accuracy(model, self.data, modalities)
 
 
 def panel_metrics(panel: list[PanelDevice], accuracies: np.ndarray, trained: set[int]) -> dict[str, float]:

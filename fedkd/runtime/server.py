@@ -25,14 +25,13 @@ from ..contract import FedkdStrategy, StrategyEnv
 from ..registry import resolve_strategy, strategy_params
 from ..results import RoundRecord, StrategyRun
 from ..scenario import Scenario, StrategySpec
-from ..scoring import (PanelDevice, PanelModel, PanelScoring, evaluation_panel, global_model, node_profile,
-                       own_model, score_panel)
+from ..scoring import (PanelDevice, PanelModel, PanelScoring, ScoreCache, evaluation_panel, global_model,
+                       node_profile, own_model, score_panel)
 from ..sim.grid import PopulationExhausted, SimulatedGrid
 from ..sim.recorder import RoundRecorder
 from ..sim.state_store import DeviceStateStore
 from ..sim.world import OK, DeviceWorld
 from ..warm_start import warm_start_indices, warm_started
-from ..training import accuracy
 from ..context import SimulationContext, simulation_context
 from ..protocol import torch_state_dict
 
@@ -69,10 +68,14 @@ class RunScorer:
         self.panel = evaluation_panel(ctx, ctx.scenario.evaluation.panel_devices)
         self.trained: set[int] = set()
         self._seen_records = 0
+        # Last round's accuracies by model and exact weights: unchanged models are not scored
+        # again. Not checkpointed: a resumed run starts it empty and gets the same numbers.
+        self.scores = ScoreCache(ctx.test_split)
 
     def score(self, arrays: ArrayRecord, recorder: RoundRecorder, device_state: dict
               ) -> tuple[float, dict[str, float]]:
         self._note_trained(recorder)
+        self.scores.new_round()
         if isinstance(self.strategy, PanelScoring):
             def model_of(device: PanelDevice) -> PanelModel:
                 return self.strategy.fedkd_panel_model(self.ctx, device, device_state)
@@ -84,9 +87,9 @@ class RunScorer:
         else:
             def model_of(device: PanelDevice) -> PanelModel:
                 return own_model(self.ctx, device, device_state)
-        accuracy, metrics = score_panel(self.ctx, self.panel, model_of, self.trained)
+        accuracy, metrics = score_panel(self.ctx, self.panel, model_of, self.trained, self.scores)
         if self.shares_weights and not isinstance(self.strategy, PanelScoring):
-            metrics |= global_model_columns(self.ctx, shared)
+            metrics |= global_model_columns(self.ctx, shared, self.scores)
         if isinstance(self.strategy, FedkdStrategy):
             metrics |= self.strategy.fedkd_round_metrics(self.ctx, device_state)
         return accuracy, metrics
@@ -101,16 +104,18 @@ class RunScorer:
         self.trained.update(d for d in recorder.pending_trained())
 
 
-def global_model_columns(ctx: SimulationContext, shared: PanelModel) -> dict[str, float]:
-    """A global model fed every modality (``accuracy_all_modalities``) and each alone."""
+def global_model_columns(ctx: SimulationContext, shared: PanelModel,
+                         scores: ScoreCache | None = None) -> dict[str, float]:
+    """A global model fed every modality (``accuracy_all_modalities``) and each alone.
+    With the run's ``scores``, the panel's devices have mostly scored these already."""
     from ..threads import single_threaded
 
-    test, names = ctx.test_split, ctx.dataset.modality_names
+    names = ctx.dataset.modality_names
+    scores = scores if scores is not None else ScoreCache(ctx.test_split)
     with single_threaded():
-        model = shared.build()
-        columns = {"accuracy_all_modalities": accuracy(model, test, names)}
+        columns = {"accuracy_all_modalities": scores.accuracy(shared, names)}
         if len(names) > 1:
-            columns |= {f"accuracy_{m}": accuracy(model, test, (m,)) for m in names}
+            columns |= {f"accuracy_{m}": scores.accuracy(shared, (m,)) for m in names}
     return columns
 
 
