@@ -52,6 +52,11 @@ Where fedkd departs, and why:
   task), not the paper's SGD. ``training.self_distillation`` is not applied
   (FD's own loss replaces ``train_local``).
 
+The device's work runs where its model is (``backend.torch_device``, as
+``fedkd.training``): its samples, labels, targets and sums follow the model,
+shuffles are drawn on the CPU (a GPU run sees the same batches) and the upload
+comes back through the CPU.
+
 Scored on each device's own model (fedkd's default for strategies whose
 devices keep models).
 """
@@ -73,7 +78,7 @@ from fedkd.contract import DeviceCall, FedkdStrategy, StrategyEnv
 from fedkd.device_models import device_model, model_key, pack
 from fedkd.distill import kd_loss, softmax
 from fedkd.strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
-from fedkd.training import to_tensors
+from fedkd.training import model_device, to_tensors
 
 MESSAGE_TYPE = "train.fd"
 COUNTS_CODEC = "fp32"  # counts must arrive exact whatever the logit codec
@@ -88,13 +93,30 @@ def fd_loss(logits: torch.Tensor, labels: torch.Tensor, target_probs: torch.Tens
     whose label has a target and divided by the batch size."""
     ce = F.cross_entropy(logits, labels)
     if target_probs is None:
-        return ce, torch.zeros(())
+        return ce, logits.new_zeros(())
     mask = has_target[labels]
     if not bool(mask.any()):
-        return ce, torch.zeros(())
+        return ce, logits.new_zeros(())
     # kd_loss averages over the rows it gets; rescale to a per-sample sum over the whole batch.
     distill = kd_loss(logits[mask], target_probs[labels[mask]], temperature) * (mask.sum() / len(labels))
     return ce + beta * distill, distill
+
+
+def global_targets(config, num_classes: int, temperature: float, device: torch.device | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The server's per-label targets in a task's ``config``, on ``device`` (else the CPU): the
+    softened global logits (C x C probabilities) and which labels have one; (None, None) before
+    the server has any."""
+    if "targets" not in config:
+        return None, None
+    global_logits = decode_any(bytes(config["targets"])).astype(np.float64)
+    target_counts = decode_any(bytes(config["target-counts"]))
+    if global_logits.shape != (num_classes, num_classes) or target_counts.shape != (num_classes,):
+        raise ValueError(f"expected {num_classes}x{num_classes} global logits and {num_classes} counts, "
+                         f"got {global_logits.shape} and {target_counts.shape}")
+    target_probs = torch.from_numpy(softmax(global_logits, temperature).astype(np.float32))
+    has_target = torch.from_numpy(target_counts > 0)
+    return (target_probs, has_target) if device is None else (target_probs.to(device), has_target.to(device))
 
 
 def fd_task(call: DeviceCall) -> Message:
@@ -107,28 +129,21 @@ def fd_task(call: DeviceCall) -> Message:
     key = model_key(tier, modalities)
     num_classes = ctx.dataset.num_classes
     temperature, beta = float(config["temperature"]), float(config["beta"])
-    target_probs = has_target = None
-    if "targets" in config:
-        global_logits = decode_any(bytes(config["targets"])).astype(np.float64)
-        target_counts = decode_any(bytes(config["target-counts"]))
-        if global_logits.shape != (num_classes, num_classes) or target_counts.shape != (num_classes,):
-            raise ValueError(f"expected {num_classes}x{num_classes} global logits and {num_classes} counts, "
-                             f"got {global_logits.shape} and {target_counts.shape}")
-        target_probs = torch.from_numpy(softmax(global_logits, temperature).astype(np.float32))
-        has_target = torch.from_numpy(target_counts > 0)
     model = device_model(ctx, call.device_id, tier, modalities, call.state)
+    where = model_device(model)  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+    target_probs, has_target = global_targets(config, num_classes, temperature, where)
     epochs = int(config.get("local-epochs", training.local_epochs))
-    inputs = to_tensors(device.data, modalities)
-    labels = torch.from_numpy(device.data.labels.astype(np.int64))
+    inputs = to_tensors(device.data, modalities, where)
+    labels = torch.from_numpy(device.data.labels.astype(np.int64)).to(where)
     optimizer = (torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD)(
         model.parameters(), lr=training.learning_rate)
     generator = torch.Generator().manual_seed(call.seed("fd", call.server_round, call.device_id))
-    logit_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    seen = torch.zeros(num_classes, dtype=torch.float64)
+    logit_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=where)
+    seen = torch.zeros(num_classes, dtype=torch.float64, device=where)
     total, total_distill, batches = 0.0, 0.0, 0
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator).to(where)
         for start in range(0, len(labels), training.batch_size):
             idx = order[start:start + training.batch_size]
             logits = model({m: x[idx] for m, x in inputs.items()})
@@ -141,7 +156,7 @@ def fd_task(call: DeviceCall) -> Message:
             optimizer.step()
             total, total_distill = total + float(loss.detach()), total_distill + float(distill.detach())
             batches += 1
-    means = (logit_sums / seen.clamp_min(1.0)[:, None]).numpy()
+    means = (logit_sums / seen.clamp_min(1.0)[:, None]).cpu().numpy()
     counts = np.bincount(device.data.labels.astype(np.int64), minlength=num_classes).astype(np.float32)
     flops = ctx.train_flops_per_sample(tier, modalities) * len(labels) * epochs
     return call.reply({

@@ -83,7 +83,7 @@ from fedkd.architectures import ArchitectureModels, TRAIN_OWN_ARCHITECTURE, Arch
 from fedkd.threads import single_threaded
 from fedkd.seeding import derive_seed, rng_for
 from fedkd.strategy_parts import NoClientEvaluation
-from fedkd.training import predict_logits, to_tensors
+from fedkd.training import model_device, predict_logits, to_tensors
 
 
 
@@ -261,8 +261,9 @@ class FedDF(ArchitectureModels, NoClientEvaluation, FedAvg):
 
     def _distill_one(self, model: torch.nn.Module, arch: Architecture, pool: Split, targets: np.ndarray,
                      validation: Split, server_round: int) -> PatienceRun:
-        inputs = to_tensors(pool, arch.modalities)
-        soft = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        where = model_device(model)  # backend.torch_device: batches go where the model is
+        inputs = to_tensors(pool, arch.modalities, where)
+        soft = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(where)
         batch = min(self.distill_batch_size, len(soft))
         steps = (self.distill_steps if self.distill_epochs is None
                  else self.distill_epochs * math.ceil(len(soft) / batch))
@@ -275,7 +276,7 @@ class FedDF(ArchitectureModels, NoClientEvaluation, FedAvg):
             nonlocal order, at
             if at + batch > len(order):  # a new pass over the round's samples
                 order, at = torch.randperm(len(soft), generator=generator), 0
-            idx = order[at:at + batch]
+            idx = order[at:at + batch].to(where)  # drawn on the CPU: the same batches on a GPU
             at += batch
             model.train()
             loss = kd_loss(model({m: x[idx] for m, x in inputs.items()}), soft[idx], self.temperature)

@@ -43,6 +43,12 @@ Where fedkd departs:
   through ``codec`` (fp32 by default), server logits through
   ``downlink_codec``.
 
+Work runs where each model is (as ``fedkd.training``): a device's samples,
+labels and server logits follow its model (``backend.torch_device``), the
+server's features, logits and labels follow the server model (built on the
+CPU), shuffles are drawn on the CPU (a GPU run sees the same batches) and
+what goes back to numpy comes through the CPU.
+
 Scoring: ``accuracy`` is each panel device's own small model (what runs at
 the edge without the server, fedkd's protocol). ``accuracy_gkt_server`` is
 the paper's measure: a panel device's own extractor followed by the server
@@ -70,7 +76,7 @@ from fedkd.distill import kd_loss
 from fedkd.scoring import evaluation_panel, own_model
 from fedkd.seeding import derive_seed
 from fedkd.strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
-from fedkd.training import to_tensors
+from fedkd.training import model_device, to_tensors
 
 MESSAGE_TYPE = "train.gkt"
 
@@ -97,6 +103,17 @@ def labels_of(payload: bytes, num_classes: int) -> np.ndarray:
 
 
 # -- the device half --------------------------------------------------------------
+def server_logits_of(config, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """The server's logits for the device's ``n`` samples in a task's ``config``, on ``device``
+    (else the CPU); None when the server sent none."""
+    if "server-logits" not in config:
+        return None
+    teacher = torch.from_numpy(np.ascontiguousarray(decode_any(bytes(config["server-logits"])), dtype=np.float32))
+    if teacher.shape[0] != n:
+        raise ValueError(f"{teacher.shape[0]} server logits for {n} local samples")
+    return teacher if device is None else teacher.to(device)
+
+
 def gkt_task(call: DeviceCall) -> Message:
     """``train.gkt``: train the device's own model with CE + KD from the server's logits for its
     samples (if it has any), then upload its features, logits and labels."""
@@ -108,22 +125,19 @@ def gkt_task(call: DeviceCall) -> Message:
     n = len(data)
     state = call.state
     model = device_model(ctx, call.device_id, tier, modalities, state)
-    teacher = None
-    if "server-logits" in config:
-        teacher = torch.from_numpy(np.ascontiguousarray(decode_any(bytes(config["server-logits"])), dtype=np.float32))
-        if teacher.shape[0] != n:
-            raise ValueError(f"{teacher.shape[0]} server logits for {n} local samples")
+    where = model_device(model)  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+    teacher = server_logits_of(config, n, where)
     epochs = int(config.get("local-epochs", training.local_epochs))
     alpha, temperature = float(config["alpha"]), float(config["temperature"])
-    inputs = to_tensors(data, modalities)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
+    inputs = to_tensors(data, modalities, where)
+    labels = torch.from_numpy(data.labels.astype(np.int64)).to(where)
     optimizer = (torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD)(
         model.parameters(), lr=training.learning_rate)
     generator = torch.Generator().manual_seed(call.seed("gkt-train", call.server_round, call.device_id))
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(where)
         for start in range(0, n, training.batch_size):
             idx = order[start:start + training.batch_size]
             loss = gkt_loss(model({m: x[idx] for m, x in inputs.items()}), labels[idx],
@@ -142,7 +156,8 @@ def gkt_task(call: DeviceCall) -> Message:
     flops = (ctx.train_flops_per_sample(tier, modalities) * n * epochs
              + ctx.forward_flops_per_sample(tier, modalities) * n)
     return call.reply({
-        "upload": ConfigRecord({"features": codec.encode(features.numpy()), "logits": codec.encode(logits.numpy()),
+        "upload": ConfigRecord({"features": codec.encode(features.cpu().numpy()),
+                                "logits": codec.encode(logits.cpu().numpy()),
                                 "labels": label_payload(data.labels, ctx.dataset.num_classes)}),
         "metrics": MetricRecord({"num-examples": n, "train-loss": total / max(batches, 1)}),
     }, flops, state=pack(state, model_key(tier, modalities), model.state_dict()))
@@ -243,7 +258,8 @@ class FedGKT(FedkdStrategy, NoClientEvaluation, Strategy):
             extractor = own_model(ctx, device, device_state).build().eval()
             head = self.models[slot].eval()
             with torch.no_grad():
-                logits = head(extractor.features(to_tensors(test, device.modalities)))
+                features = extractor.features(to_tensors(test, device.modalities, model_device(extractor)))
+                logits = head(features.to(model_device(head))).cpu()
             scores.append(float((logits.argmax(1).numpy() == test.labels).mean()))
         if scores:
             metrics["accuracy_gkt_server"] = float(np.mean(scores))
@@ -304,16 +320,17 @@ class FedGKT(FedkdStrategy, NoClientEvaluation, Strategy):
         if slot not in self.models:
             self.models[slot] = self._new_server_model(*slot, num_classes=group[0][2].shape[1])
         model = self.models[slot]
-        features = torch.from_numpy(np.concatenate([g[1] for g in group]).astype(np.float32))
-        teacher = torch.from_numpy(np.concatenate([g[2] for g in group]).astype(np.float32))
-        labels = torch.from_numpy(np.concatenate([g[3] for g in group]))
+        where = model_device(model)  # the draws stay on the cpu
+        features = torch.from_numpy(np.concatenate([g[1] for g in group]).astype(np.float32)).to(where)
+        teacher = torch.from_numpy(np.concatenate([g[2] for g in group]).astype(np.float32)).to(where)
+        labels = torch.from_numpy(np.concatenate([g[3] for g in group])).to(where)
         lr = self.server_learning_rate or (self.env.ctx.scenario.training.learning_rate
                                            if self.env.ctx is not None else 1e-3)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(derive_seed(self._seed(), "gkt-server", server_round, *slot))
         model.train()
         for _ in range(self.server_epochs):
-            order = torch.randperm(len(labels), generator=generator)
+            order = torch.randperm(len(labels), generator=generator).to(where)
             for start in range(0, len(labels), self.server_batch_size):
                 idx = order[start:start + self.server_batch_size]
                 loss = gkt_loss(model(features[idx]), labels[idx], teacher[idx], self.alpha, self.temperature)
@@ -323,7 +340,8 @@ class FedGKT(FedkdStrategy, NoClientEvaluation, Strategy):
         model.eval()
         with torch.no_grad():
             for device, device_features, _, _ in group:
-                self.server_logits[device] = model(torch.from_numpy(device_features.astype(np.float32))).numpy()
+                inputs = torch.from_numpy(device_features.astype(np.float32)).to(where)
+                self.server_logits[device] = model(inputs).cpu().numpy()
                 self.device_slot[device] = slot
         train_flops, forward_flops = mlp_flops_per_sample(model)
         return float(train_flops * len(labels) * self.server_epochs + forward_flops * len(labels))

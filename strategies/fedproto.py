@@ -46,6 +46,11 @@ Where fedkd departs, and why:
   the nearest (Euclidean) global prototype of its group.
 - Optimizer: fedkd's (``training.optimizer``, Adam by default, fresh each
   task); ``training.self_distillation`` is not applied.
+
+Work runs where the model is (``backend.torch_device``, as ``fedkd.training``):
+samples, labels, prototypes and sums follow the model, shuffles are drawn on
+the CPU (a GPU run sees the same batches) and what goes back to numpy comes
+through the CPU.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ from fedkd.contract import DeviceCall, FedkdStrategy, StrategyEnv
 from fedkd.device_models import device_model, model_key, pack
 from fedkd.scoring import evaluation_panel, own_model
 from fedkd.strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
-from fedkd.training import to_tensors
+from fedkd.training import model_device, to_tensors
 
 MESSAGE_TYPE = "train.fedproto"
 COUNTS_CODEC = "fp32"  # counts must arrive exact whatever the prototype codec
@@ -81,7 +86,7 @@ def proto_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tenso
     has none is its own target: zero error, still counted in the mean, as the authors' code)."""
     ce = F.cross_entropy(logits, labels)
     if prototypes is None:
-        return ce, torch.zeros(())
+        return ce, logits.new_zeros(())
     known = has_proto[labels][:, None]
     target = torch.where(known, prototypes[labels], features.detach())
     distance = F.mse_loss(features, target)
@@ -93,14 +98,30 @@ def local_prototypes(model, data, modalities, num_classes: int, batch_size: int 
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(C x d mean feature per class, C counts) of ``data`` under ``model``; zero rows for absent classes."""
     model.eval()
-    inputs = to_tensors(data, modalities)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
-    sums = torch.zeros(num_classes, model.feature_dim, dtype=torch.float64)
+    where = model_device(model)
+    inputs = to_tensors(data, modalities, where)
+    labels = torch.from_numpy(data.labels.astype(np.int64)).to(where)
+    sums = torch.zeros(num_classes, model.feature_dim, dtype=torch.float64, device=where)
     for start in range(0, len(labels), batch_size):
         features = model.features({m: x[start:start + batch_size] for m, x in inputs.items()})
         sums.index_add_(0, labels[start:start + batch_size], features.double())
     counts = torch.bincount(labels, minlength=num_classes).double()
-    return (sums / counts.clamp_min(1.0)[:, None]).numpy(), counts.numpy()
+    return (sums / counts.clamp_min(1.0)[:, None]).cpu().numpy(), counts.cpu().numpy()
+
+
+def global_prototypes(config, num_classes: int, feature_dim: int, device: torch.device | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The global prototypes in a task's ``config`` (C x ``feature_dim``) and which classes have
+    one, on ``device`` (else the CPU); (None, None) when the server sent none."""
+    if "prototypes" not in config:
+        return None, None
+    protos = decode_any(bytes(config["prototypes"]))
+    proto_counts = decode_any(bytes(config["prototype-counts"]))
+    if protos.shape != (num_classes, feature_dim) or proto_counts.shape != (num_classes,):
+        raise ValueError(f"expected {num_classes}x{feature_dim} prototypes and {num_classes} counts, "
+                         f"got {protos.shape} and {proto_counts.shape}")
+    prototypes, has_proto = torch.from_numpy(protos), torch.from_numpy(proto_counts > 0)
+    return (prototypes, has_proto) if device is None else (prototypes.to(device), has_proto.to(device))
 
 
 def fedproto_task(call: DeviceCall) -> Message:
@@ -113,25 +134,19 @@ def fedproto_task(call: DeviceCall) -> Message:
     key = model_key(tier, modalities)
     num_classes = ctx.dataset.num_classes
     model = device_model(ctx, call.device_id, tier, modalities, call.state)
-    prototypes = has_proto = None
-    if "prototypes" in config:
-        protos = decode_any(bytes(config["prototypes"]))
-        proto_counts = decode_any(bytes(config["prototype-counts"]))
-        if protos.shape != (num_classes, model.feature_dim) or proto_counts.shape != (num_classes,):
-            raise ValueError(f"expected {num_classes}x{model.feature_dim} prototypes and {num_classes} counts, "
-                             f"got {protos.shape} and {proto_counts.shape}")
-        prototypes, has_proto = torch.from_numpy(protos), torch.from_numpy(proto_counts > 0)
+    where = model_device(model)  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+    prototypes, has_proto = global_prototypes(config, num_classes, model.feature_dim, where)
     lam = float(config["lam"])
     epochs = int(config.get("local-epochs", training.local_epochs))
-    inputs = to_tensors(device.data, modalities)
-    labels = torch.from_numpy(device.data.labels.astype(np.int64))
+    inputs = to_tensors(device.data, modalities, where)
+    labels = torch.from_numpy(device.data.labels.astype(np.int64)).to(where)
     optimizer = (torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD)(
         model.parameters(), lr=training.learning_rate)
     generator = torch.Generator().manual_seed(call.seed("fedproto", call.server_round, call.device_id))
     total, total_proto, batches = 0.0, 0.0, 0
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator).to(where)
         for start in range(0, len(labels), training.batch_size):
             idx = order[start:start + training.batch_size]
             features = model.features({m: x[idx] for m, x in inputs.items()})
@@ -296,7 +311,7 @@ class FedProto(FedkdStrategy, NoClientEvaluation, Strategy):
 def _features(model, data, modalities, batch_size: int = 1024) -> np.ndarray:
     """The model's features (its head's input) for every sample of ``data``."""
     model.eval()
-    inputs = to_tensors(data, modalities)
+    inputs = to_tensors(data, modalities, model_device(model))
     out = [model.features({m: x[s:s + batch_size] for m, x in inputs.items()})
            for s in range(0, len(data), batch_size)]
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()

@@ -54,6 +54,11 @@ Where fedkd departs:
   downloaded matrices (2 m n k). The server's own SVDs are not timed
   (fedkd has no cloud compute model).
 
+Both models run where the context places them (``backend.torch_device``, as
+``fedkd.training``): the device's samples and labels follow them, shuffles are
+drawn on the CPU (a GPU run sees the same batches) and weights go back to
+numpy through the CPU.
+
 Scoring: a panel device runs its **mentor** (fedkd's own-model default: the
 mentor travels in device state under ``fedkd.device_models.model_key`` of its
 registered tier and sensors, the key ``fedkd.scoring.own_model`` reads).
@@ -79,7 +84,7 @@ from fedkd.models import TIERS
 from fedkd.scoring import evaluation_panel
 from fedkd.seeding import derive_seed
 from fedkd.strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
-from fedkd.training import accuracy, to_tensors
+from fedkd.training import accuracy, model_device, to_tensors
 
 MESSAGE_TYPE = "train.mutual"
 FACTOR_SEP = "|"  # "<parameter>|u", "|s", "|v" for SVD factors, "<parameter>|dense" for a whole array
@@ -198,7 +203,7 @@ def holds(name: str, modalities: Iterable[str]) -> bool:
 def initial_mentee(ctx, tier: str) -> dict[str, np.ndarray]:
     """The global mentee's seeded start G_0 over every modality: every process builds the same."""
     model = ctx.new_model(tier, seed=derive_seed(ctx.scenario.seed, "mutual-kd-mentee"))
-    return {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in model.state_dict().items()}
 
 
 def mutual_task(call: DeviceCall) -> Message:
@@ -218,17 +223,19 @@ def mutual_task(call: DeviceCall) -> Message:
     mentee.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in received.items()})
     state = call.state
     mentor = device_model(ctx, call.device_id, device.model_tier, modalities, state)
+    where = model_device(mentor)  # cpu or cuda (backend.torch_device); the draws stay on the cpu
+    mentee.to(where)  # each batch feeds both: keep them together (a no-op, the context built both)
     epochs = int(config.get("local-epochs", training.local_epochs))
     optimizer = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
     opt_t = optimizer(mentor.parameters(), lr=training.learning_rate)
     opt_s = optimizer(mentee.parameters(), lr=training.learning_rate)
-    inputs = to_tensors(data, modalities)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
+    inputs = to_tensors(data, modalities, where)
+    labels = torch.from_numpy(data.labels.astype(np.int64)).to(where)
     generator = torch.Generator().manual_seed(call.seed("mutual-kd", call.server_round, call.device_id))
     mentor.train(), mentee.train()
     sums, batches = np.zeros(4), 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(where)
         for begin in range(0, n, training.batch_size):
             idx = order[begin:begin + training.batch_size]
             batch = {m: x[idx] for m, x in inputs.items()}
@@ -238,7 +245,7 @@ def mutual_task(call: DeviceCall) -> Message:
             opt_t.step(), opt_s.step()
             sums += [float(x.detach()) for x in losses]
             batches += 1
-    trained = {k: v.detach().numpy().astype(np.float64) for k, v in mentee.state_dict().items()}
+    trained = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in mentee.state_dict().items()}
     update, svd_cost = compress({k: trained[k] - received[k] for k in trained},
                                 float(config["energy-threshold"]), str(config["factor-codec"]))
     flops = ((ctx.train_flops_per_sample(device.model_tier, modalities)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.checkpoint import decode, encode
@@ -18,12 +18,12 @@ from fedkd.device_models import model_key
 from fedkd.registry import resolve_strategy
 from fedkd.runtime.backends import run_backend
 from fedkd.runtime.client import make_client_app
-from fedkd.context import simulation_context
+from fedkd.context import resolve_torch_device, simulation_context
 from fedkd.protocol import COST, STATE, TASK, payload_bytes
 from fedkd.runtime.server import StrategyJob, make_server_app
 from fedkd.scenario import Scenario, parse_scenario
 from fedkd.seeding import derive_seed
-from fedkd.training import predict_logits
+from fedkd.training import model_device, predict_logits
 
 from .conftest import TINY
 from .test_resume import resumed_after_stops
@@ -150,6 +150,81 @@ def test_the_device_uploads_the_mean_training_logits_per_class_and_its_counts(ti
 def fd_seed(scenario, device_id, tier, modalities):
     """The seed of a device's initial model (fedkd.device_models.device_model)."""
     return derive_seed(scenario.seed, "device-model", device_id, model_key(tier, modalities))
+
+
+# -- backend.torch_device: the device's work runs where its model is -----------------------
+# This machine may have no GPU: "auto" is then the cpu, so a run asked for "auto" must give the
+# "cpu" run's reply byte for byte, and every tensor is placed through model_device (spied on).
+# With a GPU, "auto" is cuda: float results differ, so only the reply's shape is compared.
+# (tests/test_fedproto.py, test_fedgkt.py and test_mutual_kd.py use these helpers too.)
+def reply_contents(reply: Message) -> dict[str, object]:
+    """What a reply carries, by record and key: bytes and numbers as they are, arrays as numpy."""
+    return {f"{name}/{key}": value.numpy() if isinstance(value, Array) else value
+            for name, record in reply.content.items() for key, value in record.items()}
+
+
+def assert_same_reply(reply: Message, reference: Message) -> None:
+    """``reply`` (a run with torch_device auto) is ``reference`` (cpu): exactly where auto is the cpu."""
+    got, expected = reply_contents(reply), reply_contents(reference)
+    assert got.keys() == expected.keys()
+    exact = resolve_torch_device("auto").type == "cpu"
+    for key, value in expected.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+            assert not exact or np.array_equal(got[key], value), key
+        elif isinstance(value, bytes):
+            assert len(got[key]) == len(value) and (not exact or got[key] == value), key
+        elif isinstance(value, float):
+            assert math.isfinite(got[key]) and (not exact or got[key] == value), key
+        else:
+            assert got[key] == value, key
+
+
+def placement_spy(module, monkeypatch) -> list[torch.device]:
+    """Spy on the ``model_device`` a strategy module imported: the devices it was told, in order."""
+    told: list[torch.device] = []
+
+    def spy(model):
+        told.append(model_device(model))
+        return told[-1]
+
+    monkeypatch.setattr(module, "model_device", spy)
+    return told
+
+
+def on_torch_device(raw: dict, torch_device: str) -> Scenario:
+    return Scenario.model_validate({**copy.deepcopy(raw), "backend": {"torch_device": torch_device}})
+
+
+def test_the_global_targets_come_where_they_are_asked_for():
+    config = {"targets": get_codec("fp32").encode(np.array([[math.log(3), 0.0], [0.0, 0.0]], np.float32)),
+              "target-counts": get_codec("fp32").encode(np.array([2.0, 0.0], np.float32))}
+    probs, has = fd.global_targets(config, 2, 1.0)
+    assert probs.device == has.device == torch.device("cpu")
+    np.testing.assert_allclose(probs.numpy(), [[0.75, 0.25], [0.5, 0.5]], rtol=1e-6)
+    assert has.tolist() == [True, False]
+    assert fd.global_targets(config, 2, 1.0, torch.device("cpu"))[0].equal(probs)
+    meta = fd.global_targets(config, 2, 1.0, torch.device("meta"))
+    assert [t.device.type for t in meta] == ["meta", "meta"]
+    assert (meta[0].shape, meta[0].dtype, meta[1].dtype) == ((2, 2), torch.float32, torch.bool)
+    assert fd.global_targets({}, 2, 1.0, torch.device("meta")) == (None, None)
+    with pytest.raises(ValueError, match="global logits"):
+        fd.global_targets(config, 3, 1.0)
+
+
+def test_the_device_task_runs_where_its_model_is(tiny_scenario, monkeypatch):
+    # Prepare: targets from the server, so every tensor of the loss is in play.
+    logits = np.random.default_rng(0).normal(size=(10, 10)).astype(np.float32)
+    config = {"server-round": 2, "beta": 1.0, "temperature": 2.0, "codec": "fp32",
+              "targets": get_codec("fp32").encode(logits),
+              "target-counts": get_codec("fp32").encode(np.arange(10, dtype=np.float32) % 3)}
+    told = placement_spy(fd, monkeypatch)
+    # Execute
+    replies = {where: fd.fd_task(fd_call(on_torch_device(tiny_scenario, where), 1, config))
+               for where in ("cpu", "auto")}
+    # Assert: the task asked where its model is, each time, and "auto" gave the "cpu" run's reply.
+    assert told == [torch.device("cpu"), resolve_torch_device("auto")]
+    assert_same_reply(replies["auto"], replies["cpu"])
 
 
 def test_bad_parameters_fail_at_construction():

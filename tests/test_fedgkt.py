@@ -15,14 +15,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkd.checkpoint import encode
 from fedkd.cli import main
 from fedkd.codecs import HEADER_BYTES, decode_any, get_codec
-from fedkd.contract import DeviceCall
+from fedkd.contract import DeviceCall, StrategyEnv
 from fedkd.device_models import model_key, model_keys
 from fedkd.registry import resolve_strategy
-from fedkd.context import simulation_context
+from fedkd.scoring import evaluation_panel
+from fedkd.context import resolve_torch_device, simulation_context
 from fedkd.protocol import COST, STATE, TASK
 from fedkd.scenario import Scenario, parse_scenario
 
 from .conftest import TINY
+from .test_fd import assert_same_reply, on_torch_device, placement_spy
 
 FedGKT = resolve_strategy("fedgkt").cls
 module = __import__(FedGKT.__module__, fromlist=["gkt_loss"])
@@ -148,6 +150,49 @@ def test_a_device_uploads_its_features_logits_and_labels_and_reports_its_flops(t
 def test_server_logits_of_the_wrong_length_are_refused(tiny):
     with pytest.raises(ValueError, match="server logits"):
         gkt_task(DeviceCall.of(tiny, gkt_message(tiny, 1, np.zeros((3, 10), np.float32))))
+
+
+# -- backend.torch_device (see tests/test_fd.py: "auto" is the cpu on a machine without a GPU) --
+def test_the_server_logits_come_where_they_are_asked_for():
+    config = {"server-logits": get_codec("fp32").encode(np.arange(6, dtype=np.float32).reshape(3, 2))}
+    teacher = module.server_logits_of(config, 3)
+    assert teacher.device == torch.device("cpu") and teacher.tolist() == [[0, 1], [2, 3], [4, 5]]
+    meta = module.server_logits_of(config, 3, torch.device("meta"))
+    assert meta.device.type == "meta" and (meta.shape, meta.dtype) == ((3, 2), torch.float32)
+    assert module.server_logits_of({}, 3, torch.device("meta")) is None
+    with pytest.raises(ValueError, match="server logits"):
+        module.server_logits_of(config, 4)
+
+
+def test_the_device_task_runs_where_its_model_is(monkeypatch):
+    n = len(simulation_context(Scenario.model_validate(copy.deepcopy(TINY))).device(1).data)
+    server_logits = np.random.default_rng(0).normal(size=(n, 10)).astype(np.float32)
+    told = placement_spy(module, monkeypatch)
+    replies = {}
+    for where in ("cpu", "auto"):
+        scenario = on_torch_device(TINY, where)
+        replies[where] = gkt_task(DeviceCall.of(scenario, gkt_message(scenario, 1, server_logits)))
+    assert told == [torch.device("cpu"), resolve_torch_device("auto")]
+    assert_same_reply(replies["auto"], replies["cpu"])
+
+
+def test_the_server_model_and_its_score_take_inputs_where_each_model_is(monkeypatch):
+    # Prepare: a server that has trained on two devices' uploads of 32-wide features (tier small).
+    ctx = simulation_context(on_torch_device(TINY, "auto"))
+    strategy = FedGKT(server_layers=1, server_hidden=8, server_learning_rate=0.01)
+    strategy.fedkd_setup(StrategyEnv(ctx=ctx))
+    rng = np.random.default_rng(1)
+    group = [(d, rng.normal(size=(5, 32)), rng.normal(size=(5, 10)), rng.integers(0, 10, 5)) for d in (3, 4)]
+    told = placement_spy(module, monkeypatch)
+    # Execute: its training, then the paper's score (each panel device's extractor, then the server model).
+    strategy.train_server((0, 32), group, 1)
+    panel = evaluation_panel(ctx, ctx.scenario.evaluation.panel_devices)
+    strategy.device_slot.update({device.device_id: (0, 32) for device in panel})
+    metrics = strategy.fedkd_round_metrics(ctx, {})
+    # Assert: the server model is built on the cpu; the extractors where the context places models.
+    assert told == [torch.device("cpu")] + [resolve_torch_device("auto"), torch.device("cpu")] * len(panel)
+    assert {d: logits.shape for d, logits in strategy.server_logits.items()} == {3: (5, 10), 4: (5, 10)}
+    assert 0.0 <= metrics["accuracy_gkt_server"] <= 1.0
 
 
 # -- the whole simulated world ---------------------------------------------------------

@@ -18,7 +18,7 @@ from fedkd.device_models import device_model
 from fedkd.registry import resolve_strategy
 from fedkd.runtime.backends import run_backend
 from fedkd.runtime.client import make_client_app
-from fedkd.context import simulation_context
+from fedkd.context import resolve_torch_device, simulation_context
 from fedkd.protocol import COST, STATE, TASK, payload_bytes
 from fedkd.runtime.server import StrategyJob, make_server_app
 from fedkd.scenario import Scenario, parse_scenario
@@ -26,6 +26,7 @@ from fedkd.training import to_tensors
 
 from .conftest import TINY
 from .test_resume import resumed_after_stops
+from .test_fd import assert_same_reply, on_torch_device, placement_spy
 
 FedProto = resolve_strategy("fedproto").cls
 fedproto = importlib.import_module(FedProto.__module__)
@@ -118,6 +119,45 @@ def test_the_device_uploads_its_trained_models_mean_feature_per_class(tiny_scena
     tier, mods = device.model_tier, device.modalities
     assert reply.content[COST]["flops"] == (ctx.train_flops_per_sample(tier, mods) * n * epochs
                                             + ctx.forward_flops_per_sample(tier, mods) * n)
+
+
+# -- backend.torch_device (see tests/test_fd.py: "auto" is the cpu on a machine without a GPU) --
+def test_the_global_prototypes_come_where_they_are_asked_for():
+    config = {"prototypes": get_codec("fp32").encode(np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], np.float32)),
+              "prototype-counts": get_codec("fp32").encode(np.array([4.0, 0.0], np.float32))}
+    prototypes, has = fedproto.global_prototypes(config, 2, 3)
+    assert prototypes.device == has.device == torch.device("cpu")
+    assert prototypes.tolist() == [[1, 2, 3], [0, 0, 0]] and has.tolist() == [True, False]
+    meta = fedproto.global_prototypes(config, 2, 3, torch.device("meta"))
+    assert [t.device.type for t in meta] == ["meta", "meta"] and meta[0].shape == (2, 3)
+    assert fedproto.global_prototypes({}, 2, 3, torch.device("meta")) == (None, None)
+    with pytest.raises(ValueError, match="prototypes"):
+        fedproto.global_prototypes(config, 2, 4)  # another feature width
+
+
+def test_the_device_task_and_the_prototype_inference_run_where_the_model_is(tiny_scenario, monkeypatch):
+    # Prepare: global prototypes for device 0's feature width, class 3 without one.
+    ctx = simulation_context(Scenario.model_validate(tiny_scenario))
+    device = ctx.device(0)
+    dim = ctx.new_model(device.model_tier).feature_dim
+    prototypes = np.random.default_rng(0).normal(size=(10, dim)).astype(np.float32)
+    config = {"server-round": 2, "lam": 1.0, "codec": "fp32", "prototypes": get_codec("fp32").encode(prototypes),
+              "prototype-counts": get_codec("fp32").encode((np.arange(10) != 3).astype(np.float32))}
+    told = placement_spy(fedproto, monkeypatch)
+    # Execute: the device's task, and the paper's inference on the trained model.
+    replies, features = {}, {}
+    for where in ("cpu", "auto"):
+        scenario = on_torch_device(tiny_scenario, where)
+        replies[where] = fedproto.fedproto_task(proto_call(scenario, 0, config))
+        model = device_model(simulation_context(scenario), 0, device.model_tier, device.modalities,
+                             replies[where].content[STATE])
+        features[where] = fedproto._features(model, device.data, device.modalities)
+    # Assert: training, the prototypes and the inference each asked where the model is.
+    auto = resolve_torch_device("auto")
+    assert told == [torch.device("cpu")] * 3 + [auto] * 3
+    assert_same_reply(replies["auto"], replies["cpu"])
+    assert features["auto"].shape == features["cpu"].shape == (len(device.data), dim)
+    assert auto.type != "cpu" or np.array_equal(features["auto"], features["cpu"])
 
 
 def test_bad_parameters_fail_at_construction():

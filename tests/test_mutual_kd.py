@@ -18,11 +18,12 @@ from fedkd.codecs import HEADER_BYTES
 from fedkd.contract import DeviceCall
 from fedkd.device_models import model_key, model_keys
 from fedkd.registry import resolve_strategy
-from fedkd.context import simulation_context
+from fedkd.context import resolve_torch_device, simulation_context
 from fedkd.protocol import COST, STATE, TASK
 from fedkd.scenario import Scenario, parse_scenario
 
 from .conftest import TINY
+from .test_fd import assert_same_reply, on_torch_device, placement_spy
 
 MutualKD = resolve_strategy("mutual_kd").cls
 kd = __import__(MutualKD.__module__, fromlist=["compress"])
@@ -160,6 +161,30 @@ def test_a_device_trains_both_keeps_its_mentor_and_sends_only_its_mentees_compre
     train = (ctx.train_flops_per_sample(device.model_tier, device.modalities)
              + ctx.train_flops_per_sample("tiny", device.modalities)) * n * epochs
     assert reply.content[COST]["flops"] == train + svd
+
+
+def test_the_device_task_runs_where_its_models_are(monkeypatch):
+    # backend.torch_device (see tests/test_fd.py: "auto" is the cpu on a machine without a GPU).
+    # Prepare: a global mentee that has moved since its start, so the device rebuilds it.
+    ctx = simulation_context(on_torch_device(TINY, "cpu"))
+    sensors = ctx.device(1).modalities
+    start = kd.initial_mentee(ctx, "tiny")
+    rng = np.random.default_rng(0)
+    entries, _ = kd.compress({k: 0.01 * rng.normal(size=v.shape) for k, v in start.items()}, 0.95, "fp32")
+    mentee = {k: v for k, v in entries.items() if kd.holds(k.rpartition(kd.FACTOR_SEP)[0], sensors)}
+    told = placement_spy(kd, monkeypatch)
+    # Execute
+    replies, starts = {}, {}
+    for where in ("cpu", "auto"):
+        scenario = on_torch_device(TINY, where)
+        replies[where] = kd.mutual_task(DeviceCall.of(scenario, mutual_message(scenario, 1, mentee)))
+        starts[where] = kd.initial_mentee(simulation_context(scenario), "tiny")
+    # Assert: the task asked where the mentor is (the mentee joins it), and "auto" gave the "cpu" reply;
+    # the seeded start G_0 comes back through the cpu, the same wherever the models run.
+    assert told == [torch.device("cpu"), resolve_torch_device("auto")]
+    assert_same_reply(replies["auto"], replies["cpu"])
+    assert starts["auto"].keys() == start.keys()
+    assert all(np.array_equal(starts["auto"][k], start[k]) for k in start)
 
 
 # -- the whole simulated world -----------------------------------------------------------

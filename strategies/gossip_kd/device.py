@@ -162,7 +162,7 @@ def _heads_for(senders: Sequence[int], saved: dict[str, torch.Tensor], model: Mu
         if prefix + "weight" in saved:
             head.load_state_dict({"weight": saved[prefix + "weight"], "bias": saved[prefix + "bias"]})
         heads[str(sender)] = head
-    return heads
+    return heads.to(model_device(model))  # seeded on the cpu, trained where the model is
 
 
 def gossip_task(call: DeviceCall) -> Message:

@@ -39,7 +39,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torc
     """Symmetric InfoNCE between row-paired projections ``a`` and ``b`` (batch, dim)."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = a @ b.T / temperature
-    target = torch.arange(len(a))
+    target = torch.arange(len(a), device=logits.device)  # where the model runs (backend.torch_device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 

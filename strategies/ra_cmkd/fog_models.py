@@ -95,10 +95,11 @@ class FogModels:
                 self.fresh_flops[fog] = self.fresh_flops.get(fog, 0.0) + (
                     self.ctx.train_flops_per_sample(arch.tier, arch.modalities) * len(labelled) * self.pretrain_epochs)
             self.models[key] = model
+            # Seeded on the CPU, then placed with the model they align (backend.torch_device).
             self.heads[key] = nn.ModuleDict({
                 m: projection_head(arch.tier, self.align_dim,
                                    derive_seed(self.ctx.scenario.seed, "align-head", arch.key, m))
-                for m in arch.modalities})
+                for m in arch.modalities}).to(model_device(model))
         return self.models[key]
 
     def architectures(self, fog: int) -> list[Architecture]:
