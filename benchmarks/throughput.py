@@ -22,7 +22,7 @@ JSON with:
   the time until every worker process answered (imports, the ClientApp; no data).
 
 With ``--batched K`` it instead trains K devices of each modality set one by one
-and batched (:mod:`fedkd.runtime.batched`) and prints the times per set.
+and batched (:mod:`fedkd.batched`) and prints the times per set.
 """
 from __future__ import annotations
 
@@ -94,19 +94,19 @@ def worker_startup_s(scenario, workers: int) -> float:
     for i, probe in enumerate(probes):
         probe.metadata.__dict__["_message_id"] = f"probe-{i}"
     # One at a time per worker: a busy pool hands each probe to the next idle worker.
-    replies = pool.run(probes, timeout=None)
+    replies = pool.run([[probe] for probe in probes], timeout=None)
     elapsed = time.perf_counter() - started
     pool.close()
-    assert all(r.has_error() for r in replies)
+    assert all(r.has_error() for [r] in replies)
     return elapsed
 
 
 def batched_vs_one_by_one(scenario, count: int) -> dict:
     """Seconds to train ``count`` devices of each modality set one by one and batched
-    (fedkd.runtime.batched), from the same global model, and the largest weight difference."""
+    (fedkd.batched), from the same global model, and the largest weight difference."""
     import torch
 
-    from fedkd.runtime.batched import train_batched
+    from fedkd.batched import train_batched
     from fedkd.context import simulation_context
     from fedkd.seeding import derive_seed
     from fedkd.training import train_local
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--backend", choices=["inprocess", "processes"], default="inprocess")
     parser.add_argument("--workers", type=int, default=None, help="processes backend; default: the cores")
+    parser.add_argument("--batch-devices", type=int, default=1,
+                        help="backend.batch_devices: devices trained as one batch (1: one by one)")
     parser.add_argument("--torch-device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--scenario", default=str(REPO / "scenarios" / "parking_cams.yaml"))
     parser.add_argument("--batched", type=int, metavar="K", default=None,
@@ -167,7 +169,8 @@ def main() -> None:
 
     base = fedavg_scenario(args.scenario, args.rounds, args.per_round, devices=args.devices)
     raw = base.model_dump(mode="json")
-    raw["backend"].update(kind=args.backend, workers=args.workers, torch_device=args.torch_device)
+    raw["backend"].update(kind=args.backend, workers=args.workers, torch_device=args.torch_device,
+                          batch_devices=args.batch_devices)
     scenario = parse_scenario(raw, "benchmark")
     ctx = simulation_context(scenario)
     if args.batched is not None:
@@ -201,7 +204,7 @@ def main() -> None:
           f"{len(tasks)} tasks timed: fedkd {measured_s:.2f} s, bare loop {bare_s:.2f} s", file=sys.stderr)
     print(json.dumps({
         "devices": args.devices, "per_round": args.per_round, "rounds": args.rounds, "backend": args.backend,
-        "workers": workers, "cores": default_executors(), "torch_device": str(ctx.torch_device),
+        "workers": workers, "batch_devices": args.batch_devices, "cores": default_executors(), "torch_device": str(ctx.torch_device),
         "tasks": len(tasks), "fedkd_s": round(measured_s, 3), "bare_s": round(bare_s, 3),
         "fedkd_tasks_per_s": round(fedkd_rate, 2), "bare_tasks_per_s": round(bare_rate, 2),
         "speedup_vs_bare": round(fedkd_rate / bare_rate, 3),

@@ -21,7 +21,7 @@ from torch import nn
 from .contract import FedkdStrategy, StrategyEnv
 from .scoring import PanelModel
 from .sim.grid import NodeProfile
-from .weight_training import train_weights
+from .weight_training import WEIGHTS_BATCHED, train_weights
 from .context import SimulationContext
 
 # The message type of a task that trains the device's own architecture.
@@ -81,6 +81,7 @@ class ArchitectureModels(FedkdStrategy):
 
     shares_weights = False  # weights are averaged only within an architecture: any mix of tiers and sensors
     device_tasks = {TRAIN_OWN_ARCHITECTURE: train_weights}
+    batched_tasks = {TRAIN_OWN_ARCHITECTURE: WEIGHTS_BATCHED}
     models: dict[Architecture, nn.Module]
     devices: dict[Architecture, int]
     ctx: SimulationContext | None = None

@@ -20,7 +20,11 @@ weight-sharing strategy. A strategy that needs more also subclasses
   the global model nor its own, ``fedkd_round_metrics``
   for extra columns, ``fedkd_labels_read`` for labelled data it read;
 - ``fedkd_state`` / ``fedkd_restore``: what it keeps between rounds, for
-  checkpoints.
+  checkpoints;
+- ``batched_tasks`` (optional): message type -> :class:`BatchedTask`, the same
+  device task for several devices at once. With ``backend.batch_devices`` > 1
+  the grid groups a phase's messages by the task's ``key`` and hands each group
+  to ``run``, which must reply what ``device_tasks`` would, up to float rounding.
 
 The default of every hook does nothing, so a subclass overrides only what it uses.
 """
@@ -163,12 +167,27 @@ class DeviceCall:
 DeviceTask = Callable[[DeviceCall], Message]
 
 
+@dataclass(frozen=True)
+class BatchedTask:
+    """A device task's batched form.
+
+    ``key(call)``: calls with equal keys (not None) may run as one batch: the same
+    architecture and training configuration. None: this call goes one by one.
+    ``run(calls)``: one reply per call, in order, as the one-by-one task would give
+    them up to float rounding. If ``run`` raises, the group's calls run one by one.
+    """
+
+    key: Callable[[DeviceCall], Any]
+    run: Callable[[list[DeviceCall]], list[Message]]
+
+
 class FedkdStrategy:
     """fedkd's optional half of a strategy. Put it beside the Flower base class:
     ``class MyKD(FedkdStrategy, Strategy)``. Every hook has a default."""
 
     shares_weights: ClassVar[bool] = True
     device_tasks: ClassVar[Mapping[str, DeviceTask]] = {}
+    batched_tasks: ClassVar[Mapping[str, BatchedTask]] = {}
     env: StrategyEnv = StrategyEnv()
 
     def fedkd_setup(self, env: StrategyEnv) -> None:
@@ -199,6 +218,19 @@ def shares_weights(cls: type) -> bool:
 def declared_tasks(cls: type) -> Mapping[str, Any]:
     """The device tasks a strategy class declares (none for a Flower-only strategy)."""
     return dict(cls.device_tasks) if issubclass(cls, FedkdStrategy) else {}
+
+
+def declared_batched_tasks(cls: type) -> Mapping[str, BatchedTask]:
+    """The batched forms a strategy class declares, checked against its device tasks."""
+    batched = dict(getattr(cls, "batched_tasks", {})) if issubclass(cls, FedkdStrategy) else {}
+    for message_type, form in batched.items():
+        if message_type not in declared_tasks(cls):
+            raise FedkdError(f"strategy {cls.__name__}: batched task {message_type!r} is not one of its "
+                             f"device_tasks {sorted(declared_tasks(cls))}")
+        if not isinstance(form, BatchedTask):
+            raise FedkdError(f"strategy {cls.__name__}: batched task {message_type!r} is of type "
+                             f"{type(form).__name__}, expected fedkd.contract.BatchedTask(key, run)")
+    return batched
 
 
 def task_table(strategies: Iterable[tuple[str, type]], builtin: Mapping[str, DeviceTask]
@@ -237,5 +269,5 @@ def _type_problem(message_type: Any) -> str | None:
     return None
 
 
-__all__ = ["DeviceCall", "DeviceTask", "FedkdStrategy", "SimulatedNetwork",
+__all__ = ["BatchedTask", "DeviceCall", "DeviceTask", "FedkdStrategy", "SimulatedNetwork",
            "StrategyEnv", "task_table"]

@@ -18,26 +18,103 @@ as the client takes them (``logits_task`` below).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from .batched import batchable, distill_states, train_states
 from .codecs import decode_any, get_codec
-from .contract import DeviceCall, FedkdStrategy, PublicSet, StrategyEnv
-from .device_models import device_model, model_key, model_keys, pack
+from .contract import BatchedTask, DeviceCall, FedkdStrategy, PublicSet, StrategyEnv
+from .device_models import device_model, model_key, model_keys, pack, unpack
 from .distill import distill_on
 from .labels import labelled_public
 from .protocol import FOG_MODEL, torch_state_dict
 from .seeding import derive_seed, rng_for
-from .training import predict_logits, train_local
+from .training import TrainOutcome, predict_logits, train_local
 from .strategy_parts import NoClientEvaluation, check_sampling, sample_devices, weighted_reply_metrics
 
 MESSAGE_TYPE = "train.logits"
+
+
+@dataclass(frozen=True)
+class _LogitsJob:
+    """What one device does in a round of a logit-exchange strategy (read from its message)."""
+
+    tier: str
+    modalities: tuple[str, ...]
+    key: str  # the model's key in the device's state
+    learning_rate: float
+    local_epochs: int
+    fog_weights: dict[str, torch.Tensor] | None  # the device starts from its fog's model
+    pretrain_epochs: int  # 0: no transfer step this round (the model is not new, or none asked)
+    pretrain_samples: int | None  # None: the whole public split
+    target_indices: np.ndarray | None  # the server's targets to digest, and the samples they refer to
+    targets: np.ndarray | None
+    distill_epochs: int
+    temperature: float
+    public_indices: np.ndarray
+    codec: str
+
+
+def _logits_job(call: DeviceCall) -> _LogitsJob:
+    device, config, training = call.device, call.config(), call.scenario.training
+    # A plan may ask for one of the device's sensors only, or another model size.
+    tier = str(config.get("model-tier", device.model_tier))
+    modalities = tuple(str(config["modality"]).split("+")) if "modality" in config else device.modalities
+    if not set(modalities) <= set(device.modalities):
+        raise ValueError(f"device {call.device_id} senses {device.modalities}, not {modalities}")
+    key = model_key(tier, modalities)
+    fog_model = call.message.content.get(FOG_MODEL)
+    fog_weights = None if fog_model is None else \
+        {name: t.float() for name, t in torch_state_dict(fog_model).items()}
+    # FedMD's transfer step, for a model the device has not trained before.
+    new = fog_model is None and key not in model_keys(call.state)
+    has_targets = "targets" in config
+    return _LogitsJob(
+        tier, modalities, key, float(config.get("learning-rate", training.learning_rate)),
+        int(config.get("local-epochs", training.local_epochs)), fog_weights,
+        int(config.get("public-pretrain-epochs", 0)) if new else 0,
+        int(config["public-pretrain-samples"]) if "public-pretrain-samples" in config else None,
+        np.asarray(config["target-indices"], dtype=np.int64) if has_targets else None,
+        decode_any(bytes(config["targets"])) if has_targets else None,
+        int(config.get("distill-epochs", 1)), float(config.get("temperature", 1.0)),
+        np.asarray(config["public-indices"], dtype=np.int64), str(config.get("codec", "fp32")))
+
+
+def _labelled(call: DeviceCall, job: _LogitsJob):
+    """The labelled public samples of the transfer step: the run's first ``public-pretrain-samples``
+    (all of the split when not given), the same ones other strategies with that budget read."""
+    public = call.ctx.dataset.split("public")
+    count = len(public) if job.pretrain_samples is None else job.pretrain_samples
+    return public.subset(labelled_public(call.scenario.seed, len(public), count))
+
+
+def _logits_reply(call: DeviceCall, job: _LogitsJob, weights: dict[str, torch.Tensor], logits: np.ndarray,
+                  outcome: TrainOutcome, distill_loss: float) -> Message:
+    """The device's reply: its logits through the codec, its metrics, its FLOPs, and its model
+    as its state (unless it starts from its fog's model next time too)."""
+    per_sample = call.ctx.train_flops_per_sample(job.tier, job.modalities)
+    flops = 0.0  # summed in the order the steps run: the same float in every process
+    if job.pretrain_epochs > 0:
+        flops += per_sample * len(_labelled(call, job)) * job.pretrain_epochs
+    if job.targets is not None:
+        flops += per_sample * len(job.target_indices) * job.distill_epochs
+    flops += per_sample * outcome.num_examples * job.local_epochs + outcome.extra_flops
+    flops += call.ctx.forward_flops_per_sample(job.tier, job.modalities) * len(job.public_indices)
+    payload = get_codec(job.codec).encode(logits)
+    return call.reply({
+        "logits": ConfigRecord({"payload": payload}),
+        "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
+                                 "distill-loss": distill_loss}),
+    }, flops, state=pack(call.state, job.key, weights) if job.fog_weights is None else None)
 
 
 def logits_task(call: DeviceCall) -> Message:
@@ -50,61 +127,98 @@ def logits_task(call: DeviceCall) -> Message:
        device's own sensors and send the logits through the chosen codec.
     The device's model is its own (any architecture) and travels as its state.
     """
-    ctx, device, scenario, message = call.ctx, call.device, call.scenario, call.message
+    ctx, device, scenario = call.ctx, call.device, call.scenario
     device_id, server_round = call.device_id, call.server_round
-    config = call.config()
+    job = _logits_job(call)
     training = scenario.training
-    # A plan may ask for one of the device's sensors only, or another model size.
-    tier = str(config.get("model-tier", device.model_tier))
-    modalities = tuple(str(config["modality"]).split("+")) if "modality" in config else device.modalities
-    if not set(modalities) <= set(device.modalities):
-        raise ValueError(f"device {device_id} senses {device.modalities}, not {modalities}")
-    key = model_key(tier, modalities)
     public = ctx.dataset.split("public")
-    lr = float(config.get("learning-rate", training.learning_rate))
-    per_sample = ctx.train_flops_per_sample(tier, modalities)
-    flops, distill_loss = 0.0, 0.0
-    state = call.state
-    fog_model = message.content.get(FOG_MODEL)
+    distill_loss = 0.0
     # A device that starts from its fog's model need not keep its own between rounds.
-    model = device_model(ctx, device_id, tier, modalities, state if fog_model is None else None)
-    if fog_model is not None:
-        model.load_state_dict({name: t.float() for name, t in torch_state_dict(fog_model).items()})
-    elif key not in model_keys(state) and int(config.get("public-pretrain-epochs", 0)) > 0:
+    model = device_model(ctx, device_id, job.tier, job.modalities, call.state if job.fog_weights is None else None)
+    if job.fog_weights is not None:
+        model.load_state_dict(job.fog_weights)
+    elif job.pretrain_epochs > 0:
         # FedMD's transfer-learning step: a new device first learns the labelled public set
-        # (or the run's first public-pretrain-samples labelled samples, to bound the cost:
-        # the same ones other strategies with that label budget read, fedkd.labels).
-        epochs = int(config["public-pretrain-epochs"])
-        labelled = public.subset(labelled_public(scenario.seed, len(public),
-                                                 int(config.get("public-pretrain-samples", len(public)))))
-        train_local(model, labelled, modalities, epochs=epochs, batch_size=training.batch_size,
-                    learning_rate=lr, seed=derive_seed(scenario.seed, "pretrain", device_id),
-                    optimizer=training.optimizer)
-        flops += per_sample * len(labelled) * epochs
-    if "targets" in config:
-        target_idx = np.asarray(config["target-indices"], dtype=np.int64)
-        targets = decode_any(bytes(config["targets"]))
-        epochs = int(config.get("distill-epochs", 1))
-        distill_loss = distill_on(model, public.subset(target_idx), modalities, targets,
-                                  epochs=epochs, batch_size=training.batch_size, learning_rate=lr,
-                                  temperature=float(config.get("temperature", 1.0)),
+        # (or the run's first public-pretrain-samples labelled samples, to bound the cost).
+        train_local(model, _labelled(call, job), job.modalities, epochs=job.pretrain_epochs,
+                    batch_size=training.batch_size, learning_rate=job.learning_rate,
+                    seed=derive_seed(scenario.seed, "pretrain", device_id), optimizer=training.optimizer)
+    if job.targets is not None:
+        distill_loss = distill_on(model, public.subset(job.target_indices), job.modalities, job.targets,
+                                  epochs=job.distill_epochs, batch_size=training.batch_size,
+                                  learning_rate=job.learning_rate, temperature=job.temperature,
                                   seed=derive_seed(scenario.seed, "digest", server_round, device_id))
-        flops += per_sample * len(target_idx) * epochs
-    epochs = int(config.get("local-epochs", training.local_epochs))
-    outcome = train_local(model, device.data, modalities, epochs=epochs,
-                          batch_size=training.batch_size, learning_rate=lr,
+    outcome = train_local(model, device.data, job.modalities, epochs=job.local_epochs,
+                          batch_size=training.batch_size, learning_rate=job.learning_rate,
                           seed=derive_seed(scenario.seed, "train", server_round, device_id),
                           optimizer=training.optimizer, self_distillation=training.self_distillation)
-    flops += per_sample * outcome.num_examples * epochs + outcome.extra_flops
-    public_idx = np.asarray(config["public-indices"], dtype=np.int64)
-    logits = predict_logits(model, public.subset(public_idx), modalities).numpy()
-    flops += ctx.forward_flops_per_sample(tier, modalities) * len(public_idx)
-    payload = get_codec(str(config.get("codec", "fp32"))).encode(logits)
-    return call.reply({
-        "logits": ConfigRecord({"payload": payload}),
-        "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
-                                 "distill-loss": distill_loss}),
-    }, flops, state=pack(state, key, model.state_dict()) if fog_model is None else None)
+    logits = predict_logits(model, public.subset(job.public_indices), job.modalities).numpy()
+    return _logits_reply(call, job, model.state_dict(), logits, outcome, distill_loss)
+
+
+def logits_batch_key(call: DeviceCall):
+    """Calls with equal keys run as one batch: one architecture, one configuration, the same
+    targets to digest; None when the training settings cannot batch."""
+    training = call.scenario.training
+    if not batchable(training.optimizer, training.self_distillation):
+        return None
+    job = _logits_job(call)
+    digest = None if job.targets is None else hashlib.blake2b(
+        job.target_indices.tobytes() + np.ascontiguousarray(job.targets).tobytes(), digest_size=16).hexdigest()
+    return (job.tier, job.modalities, call.device.modalities == job.modalities, job.fog_weights is not None,
+            job.pretrain_epochs, job.pretrain_samples, job.learning_rate, job.local_epochs, digest,
+            job.distill_epochs, job.temperature)
+
+
+def logits_task_batched(calls: list[DeviceCall]) -> list[Message]:
+    """:func:`logits_task` for calls of one key, each step trained together (fedkd.batched).
+    One model gives the architecture; a device's weights come from its state, its fog's
+    model, or (a new model) its seeded initial model."""
+    ctx, scenario, first = calls[0].ctx, calls[0].scenario, calls[0]
+    training = scenario.training
+    jobs = [_logits_job(call) for call in calls]
+    job = jobs[0]
+    public = ctx.dataset.split("public")
+    base = ctx.new_model(job.tier, modalities=job.modalities)
+    if not batchable(training.optimizer, training.self_distillation, base):
+        raise ValueError("this model cannot train batched (buffers or dropout)")  # -> one by one
+    states = [j.fog_weights if j.fog_weights is not None else _own_weights(call, j) for call, j in zip(calls, jobs)]
+    names = list(base.state_dict())
+    if any(sorted(state) != sorted(names) for state in states):
+        raise ValueError("a starting model is not the architecture's")  # one by one names what is wrong
+    common = dict(batch_size=training.batch_size, learning_rate=job.learning_rate)
+    if job.pretrain_epochs > 0:
+        labelled = _labelled(first, job)
+        states, _ = train_states(base, states, [labelled] * len(calls), job.modalities, epochs=job.pretrain_epochs,
+                                 seeds=[derive_seed(scenario.seed, "pretrain", c.device_id) for c in calls],
+                                 optimizer=training.optimizer, **common)
+    distill_losses = [0.0] * len(calls)
+    if job.targets is not None:
+        states, distill_losses = distill_states(
+            base, states, public.subset(job.target_indices), job.modalities, job.targets,
+            epochs=job.distill_epochs, temperature=job.temperature,
+            seeds=[derive_seed(scenario.seed, "digest", c.server_round, c.device_id) for c in calls], **common)
+    states, outcomes = train_states(
+        base, states, [c.device.data for c in calls], job.modalities, epochs=job.local_epochs,
+        seeds=[derive_seed(scenario.seed, "train", c.server_round, c.device_id) for c in calls],
+        optimizer=training.optimizer, **common)
+    replies = []
+    for call, j, weights, outcome, distill_loss in zip(calls, jobs, states, outcomes, distill_losses):
+        base.load_state_dict(weights)
+        logits = predict_logits(base, public.subset(j.public_indices), j.modalities).numpy()
+        replies.append(_logits_reply(call, j, {n: weights[n] for n in names}, logits, outcome, distill_loss))
+    return replies
+
+
+def _own_weights(call: DeviceCall, job: _LogitsJob) -> dict[str, torch.Tensor]:
+    """The device's own model's weights: kept in its state, else its seeded initial ones."""
+    weights = unpack(call.state, job.key)
+    if weights is None:
+        weights = device_model(call.ctx, call.device_id, job.tier, job.modalities).state_dict()
+    return dict(weights)
+
+
+LOGITS_BATCHED = BatchedTask(logits_batch_key, logits_task_batched)
 
 
 class LogitExchange(FedkdStrategy, NoClientEvaluation, Strategy):
@@ -112,6 +226,7 @@ class LogitExchange(FedkdStrategy, NoClientEvaluation, Strategy):
 
     shares_weights = False
     device_tasks = {MESSAGE_TYPE: logits_task}
+    batched_tasks = {MESSAGE_TYPE: LOGITS_BATCHED}
 
     def __init__(self, fraction_train: float = 0.1, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  public_batch: int = 256, codec: str = "fp32", downlink_codec: str | None = None,

@@ -367,6 +367,10 @@ class BackendSpec(_Strict):
         "cpu", description="where models train and predict; auto = cuda if torch sees a GPU, else cpu. "
         "cpu by default: float results differ between devices")
     timeout_s: PositiveFloat = 3600.0
+    batch_devices: PositiveInt = Field(
+        1, description="at most this many devices of one phase that share an architecture and a training "
+        "configuration train as one batched computation (fedkd.batched), on the inprocess and processes "
+        "backends; 1 = one by one. Equal to one by one up to float rounding (tests/test_batched.py)")
     state_cache_mb: PositiveFloat = Field(
         256.0, description="memory for the devices' own models (fedkd.sim.state_store); the rest stays on disk "
         "in the results folder. How the run executes, not what it computes: results do not depend on it")

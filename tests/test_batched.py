@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedkd.runtime.batched import batchable, train_batched
+from fedkd.batched import batchable, train_batched
 from fedkd.context import simulation_context
 from fedkd.scenario import parse_scenario
 from fedkd.training import train_local

@@ -75,22 +75,26 @@ def test_a_hung_task_times_out_and_its_worker_is_killed(grid):
     assert [int(r.content["out"]["y"]) for r in replies[1:]] == [2, 4]
 
 
-def test_processes_backend_gives_the_same_files_as_inprocess(write_scenario, tiny_scenario, tmp_path):
-    # Prepare: the tiny scenario with FedProx (FedAvg's task plus the proximal term), once per backend.
-    tiny_scenario["strategies"] = [{"name": "fedprox", "params": {"proximal_mu": 0.1}}]
-    path = write_scenario(tiny_scenario)
-    tiny_scenario["backend"] = {"kind": "processes", "workers": 2}
-    parallel = write_scenario(tiny_scenario, "parallel.yaml")
+def assert_processes_match_inprocess(scenario: dict, write_scenario, tmp_path) -> None:
+    """Run ``scenario`` on both backends (2 workers): byte-identical tables (wall times
+    live only in summary.json)."""
+    path = write_scenario(scenario)
+    scenario["backend"] = {**scenario.get("backend", {}), "kind": "processes", "workers": 2}
+    parallel = write_scenario(scenario, "parallel.yaml")
     one, two = tmp_path / "inprocess", tmp_path / "processes"
-    # Execute
     try:
         assert main(["simulate", str(path), "--out", str(one)]) == 0
         assert main(["simulate", str(parallel), "--out", str(two)]) == 0
     finally:
         close_pools()
-    # Assert: byte-identical tables (wall times live only in summary.json).
     for name in ("rounds.csv", "devices.csv"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_processes_backend_gives_the_same_files_as_inprocess(write_scenario, tiny_scenario, tmp_path):
+    # The tiny scenario with FedProx (FedAvg's task plus the proximal term), once per backend.
+    tiny_scenario["strategies"] = [{"name": "fedprox", "params": {"proximal_mu": 0.1}}]
+    assert_processes_match_inprocess(tiny_scenario, write_scenario, tmp_path)
 
 
 def test_the_pool_is_kept_for_the_next_run_of_the_same_app():

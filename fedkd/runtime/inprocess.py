@@ -6,8 +6,13 @@ needs no Ray. It follows the contract of Flower's ``InMemoryGrid`` (written
 against flwr 1.41): pushed messages get an id, replies are pulled by it, and
 a ClientApp that raises yields an error reply instead of an exception.
 
+With ``backend.batch_devices`` > 1, fedkd's ClientApp groups a phase's
+messages into units it runs as one batched computation
+(``FedkdClientApp.batch_units`` / ``run_batch``); a unit that raises runs
+again one message at a time.
+
 ``send_and_receive(messages, timeout=T)`` gives each ClientApp call at most T
-seconds of wall time: calls run one after another on a worker thread, and one
+seconds of wall time (a unit of k messages k * T): calls run one after another on a worker thread, and one
 that has not returned by then yields an error reply (``REPLY_MESSAGE_UNAVAILABLE``,
 which the simulated grid records as reason ``timeout``). Python cannot stop a
 thread, so a hung call is abandoned, not killed: its thread (a daemon, which
@@ -57,39 +62,50 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> list[str]:
-        ids = []
+        messages = list(messages)
         for message in messages:
             self._count += 1
             message.metadata.__dict__["_message_id"] = f"inprocess-{self._count}"
-            self._replies[message.metadata.message_id] = self._execute(message, timeout)
-            ids.append(message.metadata.message_id)
-        return ids
+        for unit in self._units(messages):
+            for message, reply in zip(unit, self._execute(unit, timeout)):
+                self._replies[message.metadata.message_id] = reply
+        return [m.metadata.message_id for m in messages]
 
-    def _execute(self, message: Message, timeout: float | None = None) -> Message:
-        node = message.metadata.dst_node_id
+    def _units(self, messages: list[Message]) -> list[list[Message]]:
+        """``messages`` as units of work: batches a fedkd ClientApp can run together
+        (``backend.batch_devices``), else one message each. Messages for unknown nodes
+        stay alone (they fail with NODE_UNAVAILABLE)."""
+        known = [i for i, m in enumerate(messages) if m.metadata.dst_node_id in self.contexts]
+        units = [[i] for i, m in enumerate(messages) if m.metadata.dst_node_id not in self.contexts]
+        if hasattr(self.client_app, "batch_units") and known:
+            context = self.contexts[self.node_ids[0]]
+            units += [[known[j] for j in unit]
+                      for unit in self.client_app.batch_units([messages[i] for i in known], context)]
+        else:
+            units += [[i] for i in known]
+        return [[messages[i] for i in unit] for unit in sorted(units, key=lambda unit: unit[0])]
+
+    def _execute(self, unit: list[Message], timeout: float | None = None) -> list[Message]:
+        node = unit[0].metadata.dst_node_id
         if node not in self.contexts:
-            return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no executor node {node}"), reply_to=message)
+            return [Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no executor node {node}"), reply_to=unit[0])]
         if timeout is None:
-            return self._call(message, self.contexts[node])
+            return run_unit(self.client_app, unit, self.contexts[node])
         # One long-lived worker, not a thread per call: a new thread costs torch a few ms to set up.
         self._worker = self._worker or _Worker()
-        finished, outcome = self._worker.run(lambda: self._call(message, self.contexts[node]), timeout)
+        # A batch of k tasks may take k tasks' time.
+        finished, outcome = self._worker.run(lambda: run_unit(self.client_app, unit, self.contexts[node]),
+                                             timeout * len(unit))
         if not finished:  # the worker is stuck in the hung call: abandon it, ending once the call does
             self._worker.stop()
             self._worker = None
-            return Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-                                 f"timeout: the ClientApp gave no reply within {timeout:g} s"), reply_to=message)
+            return [Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                  f"timeout: the ClientApp gave no reply within {timeout:g} s"), reply_to=m)
+                    for m in unit]
         if outcome is None:  # a BaseException (SystemExit, ...) ended the call
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the ClientApp ended without a reply"),
-                           reply_to=message)
+            return [Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the ClientApp ended without a reply"),
+                            reply_to=m) for m in unit]
         return outcome
-
-    def _call(self, message: Message, context: Context) -> Message:
-        try:
-            return self.client_app(message, context)
-        except Exception as exc:  # noqa: BLE001 - a failing ClientApp is a failed task, as in Flower
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
-                           reply_to=message)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
@@ -102,6 +118,26 @@ class InProcessGrid(Grid):
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+
+
+def run_unit(client_app: ClientApp, unit: list[Message], context: Context) -> list[Message]:
+    """Replies to ``unit``: one batched call when it holds several messages (and, if that
+    raises, each message on its own), else the ClientApp's call. A call that raises
+    yields an error reply, as in Flower."""
+    if len(unit) > 1:
+        try:
+            return client_app.run_batch(unit, context)
+        except Exception:  # noqa: BLE001 - one by one below: each task then fails or not on its own
+            pass
+    return [_call(client_app, message, context) for message in unit]
+
+
+def _call(client_app: ClientApp, message: Message, context: Context) -> Message:
+    try:
+        return client_app(message, context)
+    except Exception as exc:  # noqa: BLE001 - a failing ClientApp is a failed task, as in Flower
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                       reply_to=message)
 
 
 class _Worker:
@@ -124,9 +160,9 @@ class _Worker:
             finally:
                 done.set()
 
-    def run(self, call, timeout: float) -> tuple[bool, Message | None]:
+    def run(self, call, timeout: float) -> tuple[bool, list[Message] | None]:
         """(whether ``call`` finished within ``timeout`` s, what it returned)."""
-        box: list[Message] = []
+        box: list[list[Message]] = []
         done = threading.Event()
         self._calls.put((call, box, done))
         finished = done.wait(timeout)

@@ -8,7 +8,11 @@ task; the pool outlives one strategy run, so the next run of the same
 scenario reuses warm workers. Each task is a pure function of its message
 (seeds come from the scenario, the device and the round, and every call runs
 on one torch thread), so replies are the same whichever worker computes them;
-they come back in the order the messages were pushed.
+they come back in the order the messages were pushed. With
+``backend.batch_devices`` > 1 a worker receives a unit of messages the
+ClientApp runs as one batch (``FedkdClientApp.batch_units``, planned in this
+process from the messages alone), so every backend makes the same batches and
+gets the same numbers.
 
 The pool is small and explicit rather than ``concurrent.futures``: it knows
 which worker runs which task, so a worker that dies (os._exit, a segfault, the
@@ -40,7 +44,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from .inprocess import RUN_ID, SERVER_NODE_ID, InProcessGrid
+from .inprocess import RUN_ID, SERVER_NODE_ID, InProcessGrid, run_unit
 
 _STOP = None  # sent to a worker: finish
 
@@ -71,27 +75,28 @@ class WorkerPool:
         child.close()  # the parent keeps only its end: a dead worker then reads as EOF
         return _Worker(process, parent)
 
-    def run(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """A reply per message, in order: the ClientApp's, or an error reply when the
-        call raised, its worker died, or it ran longer than ``timeout`` s."""
-        replies: list[Message | None] = [None] * len(messages)
-        queue = deque(range(len(messages)))
+    def run(self, units: list[list[Message]], timeout: float | None) -> list[list[Message]]:
+        """Replies per unit of messages (one message, or a batch the ClientApp runs together),
+        in order: the ClientApp's, or error replies when the call raised, its worker died,
+        or it ran longer than ``timeout`` s per message."""
+        replies: list[list[Message] | None] = [None] * len(units)
+        queue = deque(range(len(units)))
         while queue or any(w.task is not None for w in self._workers):
             for worker in self._workers:
                 if worker.task is None and queue:
                     worker.task, worker.started_s = queue.popleft(), time.monotonic()
                     try:
-                        worker.conn.send(messages[worker.task])
+                        worker.conn.send(units[worker.task])
                     except (OSError, EOFError):  # it died while idle: its task goes to a new one
                         queue.appendleft(worker.task)
                         self._replace(worker)
             busy = [w for w in self._workers if w.task is not None]
             wait_s = None
             if timeout is not None:
-                wait_s = max(0.0, min(w.started_s + timeout for w in busy) - time.monotonic())
+                wait_s = max(0.0, min(w.started_s + timeout * len(units[w.task]) for w in busy) - time.monotonic())
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], wait_s))
             for worker in busy:
-                message = messages[worker.task]
+                unit = units[worker.task]
                 if worker.conn in ready or worker.process.sentinel in ready:
                     try:
                         replies[worker.task] = worker.conn.recv()
@@ -100,12 +105,13 @@ class WorkerPool:
                     except (OSError, EOFError):  # the worker ended without a reply
                         worker.process.join(5)
                         code = worker.process.exitcode
-                        replies[worker.task] = _error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                                      f"the worker process running this task died "
-                                                      f"(exit code {code})")
-                elif timeout is not None and time.monotonic() - worker.started_s >= timeout:
-                    replies[worker.task] = _error(message, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-                                                  f"timeout: the ClientApp gave no reply within {timeout:g} s")
+                        replies[worker.task] = [_error(m, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                                       f"the worker process running this task died "
+                                                       f"(exit code {code})") for m in unit]
+                elif timeout is not None and time.monotonic() - worker.started_s >= timeout * len(unit):
+                    replies[worker.task] = [_error(m, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                                   f"timeout: the ClientApp gave no reply within {timeout:g} s")
+                                            for m in unit]
                 else:
                     continue
                 self._replace(worker)
@@ -152,23 +158,20 @@ def _serve(conn: Connection, app_bytes: bytes, flwr_level: int) -> None:
     contexts: dict[int, Context] = {}
     while True:
         try:
-            message = conn.recv()
+            unit = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
-        if message is _STOP:
+        if unit is _STOP:
             return
-        node = message.metadata.dst_node_id
+        node = unit[0].metadata.dst_node_id
         context = contexts.setdefault(node, Context(run_id=RUN_ID, node_id=node, node_config={},
                                                     state=RecordDict(), run_config={}))
+        replies = run_unit(app, unit, context)
         try:
-            reply = app(message, context)
-        except Exception as exc:  # noqa: BLE001 - a failing ClientApp is a failed task, as in Flower
-            reply = _error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
+            conn.send(replies)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            conn.send(_error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                             f"the reply could not be sent back: {type(exc).__name__}: {exc}"))
+            conn.send([_error(m, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                              f"the reply could not be sent back: {type(exc).__name__}: {exc}") for m in unit])
 
 
 class ProcessGrid(InProcessGrid):
@@ -183,13 +186,15 @@ class ProcessGrid(InProcessGrid):
         for message in messages:
             self._count += 1
             message.metadata.__dict__["_message_id"] = f"processes-{self._count}"
-        unknown = [m for m in messages if m.metadata.dst_node_id not in self.contexts]
-        runnable = [m for m in messages if m.metadata.dst_node_id in self.contexts]
-        for message in unknown:
+        units = self._units(messages)
+        unknown = [u for u in units if u[0].metadata.dst_node_id not in self.contexts]
+        runnable = [u for u in units if u[0].metadata.dst_node_id in self.contexts]
+        for (message,) in unknown:
             self._replies[message.metadata.message_id] = _error(
                 message, ErrorCode.NODE_UNAVAILABLE, f"no executor node {message.metadata.dst_node_id}")
-        for message, reply in zip(runnable, self.pool.run(runnable, timeout)):
-            self._replies[message.metadata.message_id] = reply
+        for unit, replies in zip(runnable, self.pool.run(runnable, timeout)):
+            for message, reply in zip(unit, replies):
+                self._replies[message.metadata.message_id] = reply
         return [m.metadata.message_id for m in messages]
 
 
