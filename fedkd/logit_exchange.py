@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from logging import INFO
 
 import numpy as np
@@ -53,15 +54,26 @@ class _LogitsJob:
     key: str  # the model's key in the device's state
     learning_rate: float
     local_epochs: int
-    fog_weights: dict[str, torch.Tensor] | None  # the device starts from its fog's model
+    fog_model: ArrayRecord | None  # the device starts from its fog's model
     pretrain_epochs: int  # 0: no transfer step this round (the model is not new, or none asked)
     pretrain_samples: int | None  # None: the whole public split
     target_indices: np.ndarray | None  # the server's targets to digest, and the samples they refer to
-    targets: np.ndarray | None
+    targets_payload: bytes | None  # encoded (a codec's bytes)
     distill_epochs: int
     temperature: float
     public_indices: np.ndarray
     codec: str
+
+    # Decoded when used, not when read: batch keys need neither.
+    @cached_property
+    def fog_weights(self) -> dict[str, torch.Tensor] | None:
+        if self.fog_model is None:
+            return None
+        return {name: t.float() for name, t in torch_state_dict(self.fog_model).items()}
+
+    @cached_property
+    def targets(self) -> np.ndarray | None:
+        return None if self.targets_payload is None else decode_any(self.targets_payload)
 
 
 def _logits_job(call: DeviceCall) -> _LogitsJob:
@@ -73,18 +85,16 @@ def _logits_job(call: DeviceCall) -> _LogitsJob:
         raise ValueError(f"device {call.device_id} senses {device.modalities}, not {modalities}")
     key = model_key(tier, modalities)
     fog_model = call.message.content.get(FOG_MODEL)
-    fog_weights = None if fog_model is None else \
-        {name: t.float() for name, t in torch_state_dict(fog_model).items()}
     # FedMD's transfer step, for a model the device has not trained before.
     new = fog_model is None and key not in model_keys(call.state)
     has_targets = "targets" in config
     return _LogitsJob(
         tier, modalities, key, float(config.get("learning-rate", training.learning_rate)),
-        int(config.get("local-epochs", training.local_epochs)), fog_weights,
+        int(config.get("local-epochs", training.local_epochs)), fog_model,
         int(config.get("public-pretrain-epochs", 0)) if new else 0,
         int(config["public-pretrain-samples"]) if "public-pretrain-samples" in config else None,
         np.asarray(config["target-indices"], dtype=np.int64) if has_targets else None,
-        decode_any(bytes(config["targets"])) if has_targets else None,
+        bytes(config["targets"]) if has_targets else None,
         int(config.get("distill-epochs", 1)), float(config.get("temperature", 1.0)),
         np.asarray(config["public-indices"], dtype=np.int64), str(config.get("codec", "fp32")))
 
@@ -114,7 +124,7 @@ def _logits_reply(call: DeviceCall, job: _LogitsJob, weights: dict[str, torch.Te
         "logits": ConfigRecord({"payload": payload}),
         "metrics": MetricRecord({"num-examples": outcome.num_examples, "train-loss": outcome.mean_loss,
                                  "distill-loss": distill_loss}),
-    }, flops, state=pack(call.state, job.key, weights) if job.fog_weights is None else None)
+    }, flops, state=pack(call.state, job.key, weights) if job.fog_model is None else None)
 
 
 def logits_task(call: DeviceCall) -> Message:
@@ -134,8 +144,8 @@ def logits_task(call: DeviceCall) -> Message:
     public = ctx.dataset.split("public")
     distill_loss = 0.0
     # A device that starts from its fog's model need not keep its own between rounds.
-    model = device_model(ctx, device_id, job.tier, job.modalities, call.state if job.fog_weights is None else None)
-    if job.fog_weights is not None:
+    model = device_model(ctx, device_id, job.tier, job.modalities, call.state if job.fog_model is None else None)
+    if job.fog_model is not None:
         model.load_state_dict(job.fog_weights)
     elif job.pretrain_epochs > 0:
         # FedMD's transfer-learning step: a new device first learns the labelled public set
@@ -163,9 +173,9 @@ def logits_batch_key(call: DeviceCall):
     if not batchable(training.optimizer, training.self_distillation):
         return None
     job = _logits_job(call)
-    digest = None if job.targets is None else hashlib.blake2b(
-        job.target_indices.tobytes() + np.ascontiguousarray(job.targets).tobytes(), digest_size=16).hexdigest()
-    return (job.tier, job.modalities, call.device.modalities == job.modalities, job.fog_weights is not None,
+    digest = None if job.targets_payload is None else hashlib.blake2b(
+        job.target_indices.tobytes() + job.targets_payload, digest_size=16).hexdigest()
+    return (job.tier, job.modalities, call.device.modalities == job.modalities, job.fog_model is not None,
             job.pretrain_epochs, job.pretrain_samples, job.learning_rate, job.local_epochs, digest,
             job.distill_epochs, job.temperature)
 
@@ -182,7 +192,7 @@ def logits_task_batched(calls: list[DeviceCall]) -> list[Message]:
     base = ctx.new_model(job.tier, modalities=job.modalities)
     if not batchable(training.optimizer, training.self_distillation, base):
         raise ValueError("this model cannot train batched (buffers or dropout)")  # -> one by one
-    states = [j.fog_weights if j.fog_weights is not None else _own_weights(call, j) for call, j in zip(calls, jobs)]
+    states = [j.fog_weights if j.fog_model is not None else _own_weights(call, j) for call, j in zip(calls, jobs)]
     names = list(base.state_dict())
     if any(sorted(state) != sorted(names) for state in states):
         raise ValueError("a starting model is not the architecture's")  # one by one names what is wrong

@@ -44,6 +44,8 @@ FAMILIES = [
     {"name": "feddf", "params": {"fraction_evaluate": 0.0, "distill_steps": 5, "patience": 2}},
     {"name": "fedmd", "params": {"public_pretrain_epochs": 1, "public_pretrain_samples": 20}},
     "dsfl",
+    # Devices that start from their fog's model (ra_cmkd, two fogs).
+    {"name": "ra_cmkd", "topology": {"fogs": 2, "assign": "hash"}},
 ]
 
 
@@ -87,6 +89,9 @@ def _assert_same_reply(got, expected):
 @pytest.mark.parametrize("strategy", FAMILIES, ids=lambda s: s if isinstance(s, str) else s["name"])
 def test_batched_replies_equal_one_by_one(write_scenario, tiny_scenario, tmp_path, compared, strategy):
     # Prepare: three rounds (the logit strategies digest targets from round 2 on), batches of 4.
+    strategy = strategy if isinstance(strategy, str) else dict(strategy)
+    if "topology" in strategy:
+        tiny_scenario["topology"] = strategy.pop("topology")
     tiny_scenario.update(rounds=3, strategies=[strategy], seed=6)
     tiny_scenario["strategy_defaults"].pop("fraction_evaluate")
     tiny_scenario["backend"] = {"batch_devices": 4}
