@@ -17,7 +17,7 @@ masked, its loss the mean over its real samples.
 
 Two losses, as the one-by-one code has them: cross-entropy on labels
 (:func:`train_batched`, FedProx's proximal term optional) and Hinton's
-distillation loss towards target probabilities (:func:`distill_batched`).
+distillation loss towards target probabilities (:func:`distill_states`).
 
 The result equals the one-by-one functions up to float rounding (vmapped
 kernels sum in another order): tests/test_batched.py states the tolerance.
@@ -85,25 +85,14 @@ def train_states(base: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], 
     return weights, [TrainOutcome(len(d), loss) for d, loss in zip(data, losses)]
 
 
-def distill_batched(models: Sequence[nn.Module], data: Split, modalities: Sequence[str],
-                    target_probs: np.ndarray, *, epochs: int, batch_size: int, learning_rate: float,
-                    temperature: float, seeds: Sequence[int]) -> list[float]:
-    """Distil ``models`` together towards ``target_probs`` on the shared samples ``data``, in
-    place: :func:`fedkd.distill.distill_on` (Adam, T^2 * KL per batch), one seed per device.
-    Returns each device's mean loss."""
-    weights, losses = distill_states(models[0], [_parameters(m) for m in models], data, modalities, target_probs,
-                                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                     temperature=temperature, seeds=seeds)
-    _load(models, weights)
-    return losses
-
-
 def distill_states(base: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], data: Split,
                    modalities: Sequence[str], target_probs: np.ndarray, *, epochs: int, batch_size: int,
                    learning_rate: float, temperature: float, seeds: Sequence[int]
                    ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-    """:func:`distill_batched` on weights (as :func:`train_states`): each device's distilled
-    parameters and mean loss."""
+    """Distil the ``states`` (one device each, of ``base``'s architecture) together towards
+    ``target_probs`` on the shared samples ``data``: :func:`fedkd.distill.distill_on` (Adam,
+    T^2 * KL per batch), one seed per device. Returns each device's distilled parameters
+    (as :func:`train_states`) and mean loss."""
     targets = torch.from_numpy(np.ascontiguousarray(target_probs, dtype=np.float32))
 
     def loss_of(logits, y, mask):
