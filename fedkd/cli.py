@@ -39,14 +39,15 @@ def _progress_printer(stream):
     return show
 
 
-def default_jobs() -> int:
-    """``--jobs`` when not given: ``FEDKD_JOBS`` if set (the test suite sets 1), else the cores."""
+def default_jobs(backend_kind: str = "inprocess") -> int:
+    """``--jobs`` when not given: ``FEDKD_JOBS`` if set (the test suite sets 1), else the cores;
+    on the ray backend no cap of ours (Ray runs as many runs at once as its cluster has CPUs)."""
     from .errors import FedkdError
     from .runtime.backends import default_executors
 
     text = os.environ.get("FEDKD_JOBS", "").strip()
     if not text:
-        return default_executors()
+        return sys.maxsize if backend_kind == "ray" else default_executors()
     if not text.isdigit() or int(text) < 1:
         raise FedkdError(f"FEDKD_JOBS={text!r}: expected a positive integer")
     return int(text)
@@ -125,7 +126,7 @@ def cmd_simulate(args) -> int:
 
         raise FedkdError(f"--out {out_dir} exists and is not a folder")
     _announce_checkpoint(CheckpointStore(out_dir, scenario), args.resume)
-    jobs = args.jobs or default_jobs()
+    jobs = args.jobs or default_jobs(scenario.backend.kind)
     runs, written = simulate(scenario, args.scenario, out_dir, _progress_printer(sys.stderr), resume=args.resume,
                              baseline=baseline, jobs=jobs, keep_state=args.keep_state)
     _print_runs(runs)
@@ -182,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "a registry name, module:Class or path/to/file.py:Class")
     sim.add_argument("--backend", choices=["inprocess", "processes", "ray"], help="override the execution backend")
     sim.add_argument("--jobs", type=positive_int, metavar="N",
-                     help="(seed, strategy) runs side by side in N worker processes on the in-process "
-                          "backend (default: $FEDKD_JOBS, else the cores this process may use; "
-                          "1 runs them one by one in this process)")
+                     help="(seed, strategy) runs side by side: in N worker processes on the in-process "
+                          "backend (default: $FEDKD_JOBS, else the cores this process may use), as up to N "
+                          "Ray tasks on the ray backend (default: as many as the Ray cluster has CPUs); "
+                          "1 runs them one by one")
     sim.add_argument("--resume", action="store_true",
                      help="continue the run checkpointed in the results folder from its last completed round")
     sim.add_argument("--keep-state", action="store_true",
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a reader that went away is caught below
         return status
     except FedkdError as exc:
+        if args.verbose and getattr(exc, "traceback_text", ""):
+            print(exc.traceback_text, file=sys.stderr, end="")
         print(f"fedkd: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FedkdError
+from .errors import FedkdError, RunFailed
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointStore
@@ -54,31 +56,21 @@ def run_in_processes(tasks: list[RunTask], jobs: int,
     terminal, to one rich display of all the runs instead."""
     level = logging.getLogger("flwr").level
     context = multiprocessing.get_context("spawn")
-    rounds = context.SimpleQueue() if any(progress_for(t.scenario.seed) for t in tasks) else None
-    stream = sys.stderr if stream is None else stream
-    display = RunsDisplay(tasks, stream) if rounds is not None and stream.isatty() else None
+    reports = RoundReports(tasks, progress_for, stream)
+    rounds = context.SimpleQueue() if reports.wanted else None
     runs: list[StrategyRun] = []
-
-    def report(message) -> None:
-        index, label, record, total = message
-        if display is not None:
-            display.update(index, record, total)
-        elif (progress := progress_for(tasks[index].scenario.seed)) is not None:
-            progress(label, record, total)
-
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
-                             initializer=_start_worker, initargs=(rounds,)) as pool, \
-            (display or nullcontext()):
+                             initializer=_start_worker, initargs=(rounds,)) as pool, reports:
         futures = {pool.submit(_work, task, level, index): task for index, task in enumerate(tasks)}
         remaining = set(futures)
         try:
             while remaining:
                 # Short waits: rounds are shown as they end, not when a whole run is done.
                 finished, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(rounds, report)
+                _drain(rounds, reports)
                 for future in finished:
                     runs.append(future.result())
-            _drain(rounds, report)
+            _drain(rounds, reports)
         except BrokenProcessPool:
             raise FedkdError("a worker process died (out of memory?); the runs finished so far are "
                              "checkpointed: run the same command with --resume") from None
@@ -87,6 +79,34 @@ def run_in_processes(tasks: list[RunTask], jobs: int,
                 future.cancel()
             raise
     return runs
+
+
+class RoundReports:
+    """Where the rounds the runs report go: to one rich display when ``stream`` (stderr by
+    default) is a terminal, else to ``progress_for(seed)`` of the run's seed, as a run in this
+    process reports them. A context manager: the display shows while it lasts."""
+
+    def __init__(self, tasks: list[RunTask], progress_for: Callable[[int], ProgressFn | None], stream=None):
+        self.tasks, self.progress_for = tasks, progress_for
+        self.wanted = any(progress_for(t.scenario.seed) for t in tasks)
+        stream = sys.stderr if stream is None else stream
+        self.display = RunsDisplay(tasks, stream) if self.wanted and stream.isatty() else None
+
+    def __call__(self, message) -> None:
+        index, label, record, total = message
+        if self.display is not None:
+            self.display.update(index, record, total)
+        elif (progress := self.progress_for(self.tasks[index].scenario.seed)) is not None:
+            progress(label, record, total)
+
+    def __enter__(self):
+        if self.display is not None:
+            self.display.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.display is not None:
+            self.display.__exit__(*exc)
 
 
 def _drain(rounds, report: Callable) -> None:
@@ -133,6 +153,8 @@ def _start_worker(rounds) -> None:
 
 
 def _work(task: RunTask, flwr_level: int, index: int) -> StrategyRun:
+    """Run ``task`` in this worker (its ClientApp built once per scenario); its rounds go to the
+    worker's queue, if anybody listens."""
     import flwr.supercore.logger  # noqa: F401 - Flower sets its level on import; override it after
 
     logging.getLogger("flwr").setLevel(flwr_level)
@@ -152,19 +174,48 @@ def run_task(task: RunTask, client_app, progress=None) -> StrategyRun:
     """Run one (strategy, seed) on ``client_app`` in this process; checkpoint it as finished."""
     from .runtime.backends import run_backend
     from .runtime.server import StrategyJob, make_server_app
-    from .sim.recorder import run_state
 
     scenario, spec, checkpoints = task.scenario, task.spec, task.checkpoints
     sink: list[StrategyRun] = []
     job = StrategyJob(scenario, spec, checkpoints, task.index, resume=task.resumed)
-    run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
+    try:
+        run_backend(scenario.backend, make_server_app(job, sink, progress), client_app)
+    except FedkdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a strategy raises, the user gets one line
+        raise run_failed(f"{spec.run_label} seed {scenario.seed}", exc) from exc
     if not sink:
         raise RuntimeError(f"strategy {spec.run_label} finished without a result")
     [run] = sink
     # The server's recorder does not know the seed; set it before the final checkpoint, so a
     # resumed run reads it back.
     run.seed = scenario.seed
-    if checkpoints is not None:
-        checkpoints.save(task.index, spec.run_label, complete=True, run=run_state(run))
-        checkpoints.finished(task.index, spec.run_label)  # its devices' state: kept only with --keep-state
+    save_finished(task, run)
     return run
+
+
+def save_finished(task: RunTask, run: StrategyRun) -> None:
+    """Checkpoint ``task``'s finished ``run`` (if the task has a checkpoint store), so a resumed
+    run skips it."""
+    from .sim.recorder import run_state
+
+    if task.checkpoints is not None:
+        task.checkpoints.save(task.index, task.spec.run_label, complete=True, run=run_state(run))
+        task.checkpoints.finished(task.index, task.spec.run_label)  # devices' state: kept only with --keep-state
+
+
+def run_failed(run: str, exc: Exception) -> RunFailed:
+    """``exc``, raised while ``run`` ran, as one line: the exception and the innermost frame of
+    code outside the installed packages and the standard library (a plug-in's, usually), else
+    the innermost frame; the finished runs' checkpoints let a fixed run continue."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    installed = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])
+    own = [f for f in frames if not f.filename.startswith(installed)
+           and not f.filename.startswith(str(Path(__file__).parent))]
+    frame = (own or frames or [None])[-1]
+    where = f" (at {frame.filename}:{frame.lineno}, in {frame.name})" if frame is not None else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return RunFailed(
+        f"run {run} failed: {type(exc).__name__}{': ' + text if text else ''}{where}; the runs finished "
+        "so far are checkpointed: once it is fixed, run the same command with --resume (-v prints the traceback)",
+        "".join(traceback.format_exception(exc)))

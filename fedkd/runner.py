@@ -74,9 +74,10 @@ def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
 
     With ``checkpoints``, each (seed, strategy) is saved after every round and when it
     finishes. With ``resume``, finished ones are taken from there, the others continue.
-    With several seeds ``progress`` sees the label ``"<label> seed <s>"``. With ``jobs`` > 1
-    on the in-process backend, up to ``jobs`` (seed, strategy) runs go side by side in
-    worker processes (:mod:`fedkd.parallel`), with the same results as one after another.
+    With several seeds ``progress`` sees the label ``"<label> seed <s>"``. With ``jobs`` > 1,
+    up to ``jobs`` (seed, strategy) runs go side by side, with the same results as one after
+    another: on the in-process backend in worker processes (:mod:`fedkd.parallel`), on the ray
+    backend as Ray tasks, each running its devices in-process (:mod:`fedkd.ray_jobs`).
     """
     seeds = scenario_seeds(scenario)
     done: list[StrategyRun] = []
@@ -97,6 +98,10 @@ def run_scenario(scenario: Scenario, progress: ProgressFn | None = None,
 
     if jobs > 1 and len(pending) > 1 and scenario.backend.kind == "inprocess":
         done.extend(run_in_processes(pending, jobs, progress_for))
+    elif jobs > 1 and len(pending) > 1 and scenario.backend.kind == "ray":
+        from .ray_jobs import run_on_ray
+
+        done.extend(run_on_ray(pending, jobs, scenario.backend, progress_for))
     else:
         apps: dict[int, ClientApp] = {}  # one ClientApp per seed's scenario, built when first needed
         for task in pending:

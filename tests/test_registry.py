@@ -214,6 +214,47 @@ def test_a_broken_file_exits_2_without_a_traceback_in_a_real_process(write_py, w
         f"strategies[0].name: strategy file {path} failed to import: ValueError: the author forgot something")
 
 
+RAISES_IN_ROUND_2 = '''\
+from flwr.serverapp.strategy import FedAvg
+
+
+class Flaky(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        if server_round == 2:
+            raise ValueError("no good in round 2")
+        return super().aggregate_train(server_round, replies)
+'''
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_strategy_that_raises_mid_run_is_one_line_naming_the_run_and_its_line(jobs, write_py, write_scenario,
+                                                                               tiny_scenario, tmp_path, capsys):
+    # Prepare: FedAvg, then a plug-in that fails in its second round; one by one, or in worker processes.
+    path = write_py(RAISES_IN_ROUND_2, "flaky.py")
+    tiny_scenario["strategies"] = ["fedavg", f"{path}:Flaky"]
+    scenario, out = write_scenario(tiny_scenario), tmp_path / "out"
+    # Execute
+    code = main(["simulate", str(scenario), "--out", str(out), "--jobs", jobs])
+    # Assert: exit 2; one line with the run, the exception and the plug-in's own line (not Flower's).
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"run {path}:Flaky seed 3 failed: ValueError: no good in round 2 (at {path}:7, in aggregate_train)" in err
+    # FedAvg's finished run is checkpointed: with the plug-in fixed, --resume runs only the other.
+    path.write_text(RAISES_IN_ROUND_2.replace("server_round == 2", "server_round == -1"))
+    assert main(["simulate", str(scenario), "--out", str(out), "--jobs", jobs, "--resume"]) == 0
+    assert f"fedavg done, {path}:Flaky after round 1" in capsys.readouterr().err
+
+
+def test_with_v_the_traceback_comes_before_the_line(write_py, write_scenario, tiny_scenario, tmp_path, capsys):
+    tiny_scenario["strategies"] = [f"{write_py(RAISES_IN_ROUND_2, 'flaky.py')}:Flaky"]
+
+    code = main(["-v", "simulate", str(write_scenario(tiny_scenario)), "--out", str(tmp_path / "out")])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("fedkd: error: run ")
+
+
 # -- entry points of installed packages ------------------------------------------------
 
 PLUGIN = '''\

@@ -52,7 +52,7 @@ def restless_world(scenario: dict) -> dict:
     return scenario
 
 
-class Stop(Exception):
+class Stop(BaseException):  # a kill's stand-in: not an error the run reports
     """Raised from the progress hook: the run stops right after a round's checkpoint."""
 
 
