@@ -50,11 +50,12 @@ def run_on_ray(tasks: list[RunTask], jobs: int, backend: BackendSpec,
         from ray.util.queue import Queue
     except ImportError:
         raise FedkdError('the ray backend needs Ray: pip install "flwr[simulation]"') from None
-    from .runtime.backends import default_executors
+    from .runtime.backends import check_ray_address, default_executors
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     connected_here = not ray.is_initialized()
     if connected_here:
+        check_ray_address(backend.address)
         where = ({"address": backend.address} if backend.address else
                  {"num_cpus": backend.executors or default_executors(), "include_dashboard": False})
         try:

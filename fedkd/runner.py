@@ -14,10 +14,11 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 
 from .checkpoint import CheckpointStore, scenario_seeds
-from .errors import FedkdError
+from .errors import FedkdError, ScenarioError
 from .checks import check_references
 from .report import default_baseline, versions, write_results
 from .results import StrategyRun
+from .runtime.backends import ray_address_problem
 from .runtime.client import make_client_app
 from .runtime.server import ProgressFn
 from .scenario import Scenario, parse_scenario
@@ -144,6 +145,8 @@ def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: Pr
     runs_at_once = len(seeds) * len(scenario.strategies)
     check_sizes(scenario, str(scenario_path), out_dir,
                 stores_at_once=runs_at_once if keep_state else max(1, min(jobs, runs_at_once)))
+    if scenario.backend.kind == "ray" and (problem := ray_address_problem(scenario.backend.address)):
+        raise ScenarioError(str(scenario_path), "backend.address", problem)
     checkpoints = CheckpointStore(out_dir, scenario, keep_state=keep_state)
     if not resume:
         checkpoints.clear()

@@ -375,6 +375,16 @@ class BackendSpec(_Strict):
         256.0, description="memory for the devices' own models (fedkd.sim.state_store); the rest stays on disk "
         "in the results folder. How the run executes, not what it computes: results do not depend on it")
 
+    @field_validator("address")
+    @classmethod
+    def _host_and_port(cls, address: str | None) -> str | None:
+        if address is not None and address not in ("auto", "local"):
+            host, _, port = address.removeprefix("ray://").rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r}: expected HOST:PORT of a Ray cluster's head (ray start --head "
+                                 "--port=PORT), ray://HOST:PORT, or auto")
+        return address
+
     @field_validator("torch_device")
     @classmethod
     def _cuda_is_there(cls, device: str) -> str:

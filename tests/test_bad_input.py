@@ -80,6 +80,11 @@ CASES = {
     "wrong_parking_option_value": (_parking(num_cameras=-2),
                                    "data.options.num_cameras: num_cameras=-2: expected 1 or more"),
     "alias_bomb": (_alias_bomb(), "YAML aliases expand past"),
+    "ray_address_without_port": (_scenario(backend={"kind": "ray", "address": "headnode"}),
+                                 "backend.address: 'headnode': expected HOST:PORT of a Ray cluster's head"),
+    # Port 1 on the loopback: nobody listens; Ray would retry it for minutes.
+    "ray_address_where_nobody_listens": (_scenario(backend={"kind": "ray", "address": "127.0.0.1:1"}),
+                                         "backend.address: 127.0.0.1:1: no Ray head answers there"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -34,7 +35,32 @@ def run_backend(spec: BackendSpec, server_app: ServerApp, client_app: ClientApp)
         run_ray(spec, server_app, client_app)
 
 
+def ray_address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
+    """Why nothing can join a Ray cluster at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``;
+    its form is checked with the scenario), or None if something listens there. ``auto``,
+    ``local`` and None are Ray's to resolve. Ray itself keeps retrying an address where nothing
+    listens for minutes, which would look like a hang."""
+    if address is None or address in ("auto", "local"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError)
+                  else (exc.strerror or type(exc).__name__).lower())
+        return (f"{address}: no Ray head answers there ({reason}); start one with "
+                f"`ray start --head --port={port}`, or drop address to start Ray here")
+    return None
+
+
+def check_ray_address(address: str | None) -> None:
+    """A FedkdError (one line) if :func:`ray_address_problem` finds one."""
+    if (problem := ray_address_problem(address)) is not None:
+        raise FedkdError(f"backend.address {problem}")
+
+
 def run_ray(spec: BackendSpec, server_app: ServerApp, client_app: ClientApp) -> None:
+    check_ray_address(spec.address)
     try:
         import ray  # noqa: F401
         from flwr.simulation import run_simulation
