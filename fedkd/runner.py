@@ -147,6 +147,9 @@ def simulate(scenario: Scenario, scenario_path: str, out_dir: Path, progress: Pr
                 stores_at_once=runs_at_once if keep_state else max(1, min(jobs, runs_at_once)))
     if scenario.backend.kind == "ray" and (problem := ray_address_problem(scenario.backend.address)):
         raise ScenarioError(str(scenario_path), "backend.address", problem)
+    if keep_state and scenario.backend.kind == "ray" and jobs > 1 and runs_at_once > 1:
+        raise FedkdError("--keep-state with runs as Ray tasks (the ray backend, --jobs above 1): each task "
+                         "keeps its devices' state on its own node, not in the results folder; add --jobs 1")
     checkpoints = CheckpointStore(out_dir, scenario, keep_state=keep_state)
     if not resume:
         checkpoints.clear()

@@ -62,3 +62,16 @@ def test_runs_share_one_rich_display_on_a_terminal(tiny_scenario):
     text = screen.getvalue()
     assert "fedavg seed 0" in text and "fedavg seed 1" in text and "2/2" in text
     assert called == []  # the display replaces the one-line bars
+
+
+def test_keep_state_with_runs_as_ray_tasks_is_refused_before_anything_runs(write_scenario, tiny_scenario,
+                                                                         tmp_path, capsys):
+    # Each Ray task keeps its devices' state on its own node: --keep-state cannot keep it.
+    tiny_scenario["backend"] = {"kind": "ray"}
+    out = tmp_path / "out"
+
+    code = main(["simulate", str(write_scenario(tiny_scenario)), "--jobs", "2", "--keep-state", "--out", str(out)])
+
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--keep-state with runs as Ray tasks" in line and "--jobs 1" in line
+    assert not out.exists()
