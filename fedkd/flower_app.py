@@ -14,6 +14,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from .errors import FedkdError
+from .runner import for_seed
 from .runtime.client import make_client_app
 from .runtime.server import StrategyJob, run_job
 from .scenario import Scenario
@@ -24,7 +26,13 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 @lru_cache(maxsize=4)
 def _scenario(path: str) -> Scenario:
-    return load_scenario(path)
+    """The scenario at ``path`` as one seed's run: server and clients must agree on the seed,
+    and a Flower run is one run (``fedkd simulate --seeds`` runs several)."""
+    scenario = load_scenario(path)
+    if scenario.seeds and len(scenario.seeds) > 1:
+        raise FedkdError(f"{path}: seeds: flwr run runs one seed, and this scenario lists {list(scenario.seeds)}; "
+                         "keep one (seed: N), or run `fedkd simulate` for several")
+    return for_seed(scenario, scenario.seeds[0]) if scenario.seeds else scenario
 
 
 def scenario_of(context: Context) -> Scenario:
