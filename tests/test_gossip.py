@@ -108,13 +108,13 @@ def ring_client(fail: tuple[int, int] | None = None) -> ClientApp:
     return app
 
 
-def run_ring(rounds: int, fail: tuple[int, int] | None = None):
+def run_ring(rounds: int, fail: tuple[int, int] | None = None, **strategy_params):
     RECEIVED.clear()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     world = radio_world(devices=3, d2d_bps=1e6, d2d_latency_s=0.1, energy_per_byte_d2d_j=1e-6)
     recorder = RoundRecorder("gossip_kd", "gossip_kd", world)
     grid = SimulatedGrid(InProcessGrid(ring_client(fail)), world, recorder, seed=0, timeout_s=60)
-    strategy = GossipKD(topology="ring", public_batch=4, codec="fp32")
+    strategy = GossipKD(topology="ring", public_batch=4, codec="fp32", **strategy_params)
     strategy.fedkd_setup(StrategyEnv(SimpleNamespace(population=SimpleNamespace(size=3), scenario=SimpleNamespace(seed=0))))
     strategy.start(grid, ArrayRecord(), num_rounds=rounds,
                    evaluate_fn=lambda rnd, arrays: recorder.close_round(rnd, 0.0, {}) and None)
@@ -169,6 +169,30 @@ def test_a_failed_device_sends_nothing_and_keeps_what_was_sent_to_it():
     assert run.rounds[2].metrics["d2d_bytes"] == 2 * 2 * ONE
 
 
+def test_with_fraction_train_a_share_wakes_and_a_sleeper_gets_its_mail_when_it_wakes():
+    # Three devices on a ring, a third of them awake a round: int(3 * 0.34) = 1 device.
+    run = run_ring(rounds=2, fraction_train=0.34, min_available_nodes=1)
+    [(_, first)] = [key for key in RECEIVED if key[0] == 1]
+    [(_, second)] = [key for key in RECEIVED if key[0] == 2]
+    # Round 1's device pushed 10 * 1 + itself to both its neighbours, both asleep then; the
+    # round-2 device gets it if it was one of them (on a ring of three: any other device).
+    assert second != first  # seed 0 wakes device 2, then device 1: the sleeper's mail is delivered
+    assert RECEIVED[(1, first)] == {}
+    assert RECEIVED[(2, second)] == ({} if second == first else {first: (1, 10.0 + first)})
+    # One device a round sends to its 2 neighbours.
+    assert [r.metrics["d2d_bytes"] for r in run.rounds[1:]] == [2 * ONE, 2 * ONE]
+    # The draw is keyed by (seed, round): the same devices wake in a second run.
+    woke = sorted(RECEIVED)
+    run_ring(rounds=2, fraction_train=0.34, min_available_nodes=1)
+    assert sorted(RECEIVED) == woke
+
+
+def test_fraction_train_wakes_at_least_min_available_nodes():
+    # int(3 * 0.05) = 0, raised to min_available_nodes = 2.
+    run_ring(rounds=1, fraction_train=0.05, min_available_nodes=2)
+    assert len(RECEIVED) == 2
+
+
 def test_disagreement_is_the_mean_over_edges_of_the_share_of_differing_predictions():
     predicted = {0: np.array([0, 0, 1, 1]), 1: np.array([0, 1, 1, 1]), 2: np.array([1, 1, 1, 1])}
     # Edges 0-1: 1 of 4 differ; 0-2: 2 of 4; 1-2: 1 of 4. Mean (1/4 + 2/4 + 1/4) / 3 = 1/3.
@@ -180,6 +204,8 @@ def test_bad_parameters_fail_at_construction():
         GossipKD(topology="star")
     with pytest.raises(ValueError, match="codec"):
         GossipKD(codec="gzip")
+    with pytest.raises(ValueError, match="fraction_train"):
+        GossipKD(fraction_train=0)
 
 
 # -- the device's own step ---------------------------------------------------------------

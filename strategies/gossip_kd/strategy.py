@@ -12,14 +12,19 @@ Multi-Headed Distillation", CVPR 2023, https://arxiv.org/abs/2211.15774.
 There is no aggregator. This class is only the simulation's orchestrator;
 each round it
 
-1. takes the devices online now (all of them take part);
-2. builds the round's device-to-device graph (:mod:`.topology`:
+1. takes the devices online now;
+2. builds the round's device-to-device graph over them (:mod:`.topology`:
    ``ring``, ``k_regular``, ``geometric``, ``time_varying``);
-3. hands each device what its neighbours pushed to it when they last
+3. wakes all of them, or with ``fraction_train`` below 1 a seeded share
+   of them (at least ``min_available_nodes``), as randomized gossip wakes
+   devices at random (Boyd, Ghosh, Prabhakar & Shah, "Randomized Gossip
+   Algorithms", IEEE Trans. Inf. Theory 52(6), 2006): a like-for-like
+   participation with the server strategies' ``fraction_train``;
+4. hands each awake device what its neighbours pushed to it when they last
    finished (records ``d2d.from.<j>``), and the protocol's constants;
-4. files each finished device's new predictions (``d2d.logits``) for each of
-   its neighbours in this round's graph, and forgets what that device has
-   just consumed.
+5. files each finished device's new predictions (``d2d.logits``) for each of
+   its neighbours in this round's graph, awake or not, and forgets what that
+   device has just consumed.
 
 The relay is the simulation's convenience, not traffic: the grid times the
 predictions on the devices' D2D radios (sent once per neighbour, received
@@ -69,7 +74,9 @@ class GossipKD(FedkdStrategy, NoClientEvaluation, Strategy):
     def __init__(self, topology: str = "ring", degree: int = 4, radio_range: float = 0.3,
                  public_batch: int = 128, codec: str = "fp32", temperature: float = 1.0,
                  distill_weight: float = 0.25, aux_heads: bool = False, local_epochs: int | None = None,
-                 learning_rate: float | None = None, min_available_nodes: int = 2):
+                 learning_rate: float | None = None, min_available_nodes: int = 2, fraction_train: float = 1.0):
+        if not 0 < fraction_train <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if topology not in KINDS:
             raise ValueError(f"topology must be one of {', '.join(KINDS)}, got {topology!r}")
         if degree < 1:
@@ -84,7 +91,7 @@ class GossipKD(FedkdStrategy, NoClientEvaluation, Strategy):
             raise ValueError(f"distill_weight must be 0 or more, got {distill_weight}")
         get_codec(codec)  # fail now on a bad codec name
         self.topology, self.degree, self.radio_range = topology, degree, radio_range
-        self.min_available_nodes = min_available_nodes
+        self.min_available_nodes, self.fraction_train = min_available_nodes, fraction_train
         protocol = {"public-batch": public_batch, "codec": codec, "temperature": float(temperature),
                     "distill-weight": float(distill_weight), "aux-heads": bool(aux_heads)}
         if local_epochs is not None:
@@ -123,13 +130,26 @@ class GossipKD(FedkdStrategy, NoClientEvaluation, Strategy):
         _, online = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         self.graph = round_graph(self.topology, self.population_size, online, seed=self.seed,
                                  server_round=server_round, degree=self.degree, radio_range=self.radio_range)
+        awake = self._awake(server_round)
         messages = []
         for device, neighbours in self.graph.items():
+            if awake is not None and device not in awake:
+                continue  # asleep this round: what its neighbours push waits for it
             content = {GOSSIP: self.protocol, D2D_ROUTE: ConfigRecord({"fanout": len(neighbours)})}
             for sender, pushed in sorted(self.inbox.get(device, {}).items()):
                 content[f"{FROM}{sender}"] = pushed
             messages.append(Message(RecordDict(content), device, MESSAGE_TYPE))
         return messages
+
+    def _awake(self, server_round: int) -> set[int] | None:
+        """This round's ``fraction_train`` of the graph's devices (Flower's count: the share
+        rounded down, at least ``min_available_nodes``), drawn from (seed, round); None: all."""
+        if self.fraction_train >= 1:
+            return None
+        devices = sorted(self.graph)
+        count = min(len(devices), max(int(len(devices) * self.fraction_train), self.min_available_nodes))
+        chosen = rng_for(self.seed, "gossip-awake", server_round).choice(len(devices), count, replace=False)
+        return {devices[i] for i in chosen}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
