@@ -144,6 +144,12 @@ def _print_runs(runs) -> None:
         if last is not None:
             print(f"{name:>12}: accuracy {last.accuracy:.3f} after {last.round} rounds, "
                   f"{last.sim_time_s:,.0f} s simulated, {run.wall_time_s:.1f} s wall{note}")
+        if run.device_task_errors:
+            # Counted as failed devices in the results; said here too, as it is most often a bug.
+            tasks = sum(1 for d in run.devices)
+            print(f"fedkd: warning: {name}: {run.device_task_errors:,} of {tasks:,} device tasks raised or replied "
+                  f"invalid (reason error/invalid in devices.csv); the first: {run.first_device_task_error}",
+                  file=sys.stderr)
     if several:
         for label in dict.fromkeys(run.label for run in runs):
             print(f"{label:>12}: {_accuracy_over_seeds([r for r in runs if r.label == label])}")

@@ -199,6 +199,9 @@ def _strategy_summary(runs: list[StrategyRun], per_seed: dict[int, dict[str, Any
         **{name: combined(name) for name in ("final_accuracy", "best_accuracy", "sim_time_s", "bytes_up",
                                              "bytes_down", "energy_j")},
         "failures": failures,
+        # What the first device task that raised (or replied invalid) said: most often a bug.
+        "first_device_task_error": next((f"seed {run.seed}, {run.first_device_task_error}" for run in runs
+                                         if run.first_device_task_error), None),
         "devices_dead_at_end": combined("devices_dead_at_end"),
         "to_reference_accuracy": to_reference,
         "stopped_early": _stopped_early(runs),

@@ -54,3 +54,7 @@ class StrategyRun:
     # distinct count over all purposes (a sample read for two purposes counts once).
     labelled_public: dict[str, int] = field(default_factory=dict)
     labelled_public_total: int = 0
+    # Device tasks whose code raised or whose reply failed the checks (reasons "error" and
+    # "invalid"): a simulated device failure, but also the sign of a bug in a device half.
+    device_task_errors: int = 0
+    first_device_task_error: str = ""  # "round r, device d (phase): what it said"

@@ -255,6 +255,44 @@ def test_with_v_the_traceback_comes_before_the_line(write_py, write_scenario, ti
     assert err.strip().splitlines()[-1].startswith("fedkd: error: run ")
 
 
+SENDS_WEIGHTS_NO_DEVICE_CAN_LOAD = '''\
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
+
+
+class Garbled(FedAvg):
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content["arrays"] = ArrayRecord({"bogus": Array(np.zeros(3, "float32"))})
+        return messages
+'''
+
+
+def test_device_tasks_that_raise_are_failures_and_said_once_on_stderr(write_py, write_scenario, tiny_scenario,
+                                                                      tmp_path, capsys):
+    # Prepare: every device task of this plug-in raises (weights of no architecture).
+    import json
+
+    tiny_scenario["strategies"] = [f"{write_py(SENDS_WEIGHTS_NO_DEVICE_CAN_LOAD, 'garbled.py')}:Garbled"]
+    out = tmp_path / "out"
+    # Execute
+    code = main(["simulate", str(write_scenario(tiny_scenario)), "--out", str(out)])
+    # Assert: the run completes (a device that raises is a failed device, as in Flower), and
+    # one warning says how many tasks raised and what the first said, which summary.json keeps.
+    assert code == 0
+    devices = pd.read_csv(out / "devices.csv")
+    failed = int((devices["reason"] == "error").sum())
+    assert failed == len(devices) > 0
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert f"{failed} of {failed} device tasks raised or replied invalid" in warning
+    assert "the first: round 1, device " in warning and "Unexpected key(s) in state_dict: \"bogus\"" in warning
+    [entry] = json.loads((out / "summary.json").read_text())["strategies"].values()
+    assert entry["first_device_task_error"].startswith("seed 3, round 1, device ")
+    assert entry["failures"] == {"error": failed}
+
+
 # -- entry points of installed packages ------------------------------------------------
 
 PLUGIN = '''\

@@ -221,7 +221,7 @@ class SimulatedGrid(Grid):
         outcomes = [replace(o, reason="invalid") if unreachable.get(o.device_id) == "invalid" else o for o in outcomes]
         self._count_d2d(outcomes)
         phase = messages[0].metadata.message_type.split(".")[0]
-        self.recorder.record_phase(phase, outcomes)
+        self.recorder.record_phase(phase, outcomes, details)
         by_device = {m.metadata.dst_node_id: m for m in messages}
         out = []
         for o in outcomes:

@@ -9,6 +9,9 @@ from ..results import DeviceRecord, RoundRecord, StrategyRun
 from .world import OK, DeviceWorld, TaskOutcome
 
 
+TASK_ERRORS = ("error", "invalid")  # reasons that come from the device's code, not from the world
+
+
 class RoundRecorder:
     def __init__(self, label: str, strategy: str, world: DeviceWorld):
         self.world = world
@@ -22,9 +25,16 @@ class RoundRecorder:
         """The round in progress: rounds are closed by the server's evaluation."""
         return len(self.run.rounds)
 
-    def record_phase(self, phase: str, outcomes: list[TaskOutcome]) -> None:
+    def record_phase(self, phase: str, outcomes: list[TaskOutcome], details: dict[int, str] | None = None) -> None:
+        """The phase's device rows; ``details``: what a failed task's reply said, by device."""
         classes = self.world.population.classes
         for o in outcomes:
+            if o.reason in TASK_ERRORS:
+                if not self.run.device_task_errors:
+                    said = " ".join(((details or {}).get(o.device_id) or o.reason).split())  # one line
+                    said = said if len(said) <= 300 else said[:299] + "…"
+                    self.run.first_device_task_error = f"round {self.current_round}, device {o.device_id} ({phase}): {said}"
+                self.run.device_task_errors += 1
             self._pending.append(DeviceRecord(
                 self.run.label, self.current_round, phase, o.device_id,
                 classes[self.world.class_index[o.device_id]].name, o.status, o.reason,
@@ -90,7 +100,8 @@ def run_state(run: StrategyRun) -> dict:
     """A run's records as numbers, strings and arrays, for checkpoints."""
     return {"rounds": [asdict(r) for r in run.rounds], "devices": _columns(run.devices),
             "stopped_early": run.stopped_early, "wall_time_s": run.wall_time_s, "seed": run.seed,
-            "labelled_public": dict(run.labelled_public), "labelled_public_total": run.labelled_public_total}
+            "labelled_public": dict(run.labelled_public), "labelled_public_total": run.labelled_public_total,
+            "device_task_errors": run.device_task_errors, "first_device_task_error": run.first_device_task_error}
 
 
 def run_from_state(label: str, strategy: str, state: dict) -> StrategyRun:
@@ -100,7 +111,9 @@ def run_from_state(label: str, strategy: str, state: dict) -> StrategyRun:
                        devices=_rows(state["devices"]), stopped_early=state["stopped_early"],
                        wall_time_s=state["wall_time_s"], seed=int(state.get("seed", 0)),
                        labelled_public={str(k): int(v) for k, v in state.get("labelled_public", {}).items()},
-                       labelled_public_total=int(state.get("labelled_public_total", 0)))
+                       labelled_public_total=int(state.get("labelled_public_total", 0)),
+                       device_task_errors=int(state.get("device_task_errors", 0)),
+                       first_device_task_error=str(state.get("first_device_task_error", "")))
 
 
 def _columns(records: list[DeviceRecord]) -> dict[str, list | np.ndarray]:
