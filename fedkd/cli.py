@@ -146,8 +146,7 @@ def _print_runs(runs) -> None:
                   f"{last.sim_time_s:,.0f} s simulated, {run.wall_time_s:.1f} s wall{note}")
         if run.device_task_errors:
             # Counted as failed devices in the results; said here too, as it is most often a bug.
-            tasks = sum(1 for d in run.devices)
-            print(f"fedkd: warning: {name}: {run.device_task_errors:,} of {tasks:,} device tasks raised or replied "
+            print(f"fedkd: warning: {name}: {run.device_task_errors:,} of {len(run.devices):,} device tasks raised or replied "
                   f"invalid (reason error/invalid in devices.csv); the first: {run.first_device_task_error}",
                   file=sys.stderr)
     if several:

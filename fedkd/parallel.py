@@ -184,8 +184,9 @@ def run_task(task: RunTask, client_app, progress=None) -> StrategyRun:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a strategy raises, the user gets one line
         raise run_failed(f"{spec.run_label} seed {scenario.seed}", exc) from exc
-    if not sink:
-        raise RuntimeError(f"strategy {spec.run_label} finished without a result")
+    if not sink:  # the backend returned without the server's result and without raising
+        raise RunFailed(f"run {spec.run_label} seed {scenario.seed} ended without a result; the backend "
+                        "logged why: run the same command with -v to see Flower's log")
     [run] = sink
     # The server's recorder does not know the seed; set it before the final checkpoint, so a
     # resumed run reads it back.
