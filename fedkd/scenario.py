@@ -357,6 +357,14 @@ class StrategySpec(_Strict):
         return self.label or self.name
 
 
+def ray_head(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address ``HOST:PORT`` or ``ray://HOST:PORT`` (an IPv6 host in
+    brackets); None if it is not of that form."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
 class BackendSpec(_Strict):
     kind: Literal["inprocess", "processes", "ray"] = "inprocess"
     address: str | None = Field(None, description="Ray cluster address; null = start one locally")
@@ -378,11 +386,9 @@ class BackendSpec(_Strict):
     @field_validator("address")
     @classmethod
     def _host_and_port(cls, address: str | None) -> str | None:
-        if address is not None and address not in ("auto", "local"):
-            host, _, port = address.removeprefix("ray://").rpartition(":")
-            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{address!r}: expected HOST:PORT of a Ray cluster's head (ray start --head "
-                                 "--port=PORT), ray://HOST:PORT, or auto")
+        if address is not None and address not in ("auto", "local") and ray_head(address) is None:
+            raise ValueError(f"{address!r}: expected HOST:PORT of a Ray cluster's head (ray start --head "
+                             "--port=PORT), ray://HOST:PORT, or auto")
         return address
 
     @field_validator("torch_device")

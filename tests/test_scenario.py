@@ -129,3 +129,12 @@ def test_validator_never_crashes_on_arbitrary_values(key, value):
         parse_scenario(scenario, "x.yaml")
     except ScenarioError as exc:
         assert str(exc).startswith("x.yaml: ")
+
+
+@pytest.mark.parametrize("address, head", [("10.0.0.5:6379", ("10.0.0.5", 6379)), ("ray://head:10001", ("head", 10001)),
+                                           ("[::1]:6379", ("::1", 6379)), ("head", None), ("head:0", None),
+                                           ("head:port", None), (":6379", None)])
+def test_a_ray_address_is_host_and_port(address, head):
+    from fedkd.scenario import ray_head
+
+    assert ray_head(address) == head

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from ..errors import FedkdError
-from ..scenario import BackendSpec
+from ..scenario import BackendSpec, ray_head
 from .inprocess import run_inprocess
 
 
@@ -40,11 +40,11 @@ def ray_address_problem(address: str | None, timeout_s: float = 5.0) -> str | No
     its form is checked with the scenario), or None if something listens there. ``auto``,
     ``local`` and None are Ray's to resolve. Ray itself keeps retrying an address where nothing
     listens for minutes, which would look like a hang."""
-    if address is None or address in ("auto", "local"):
-        return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address is None or address in ("auto", "local") or (head := ray_head(address)) is None:
+        return None  # Ray's to resolve, or refused by the scenario's own check
+    host, port = head
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
         reason = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError)
                   else (exc.strerror or type(exc).__name__).lower())
