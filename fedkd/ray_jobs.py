@@ -70,7 +70,7 @@ def run_on_ray(tasks: list[RunTask], jobs: int, backend: BackendSpec,
         rounds = Queue(actor_options={"num_cpus": 0}) if reports.wanted else None
         # Ray retries a task whose worker or node died (the run is deterministic, so a retry
         # gives the same result); an exception the run raises is not retried.
-        remote_run = ray.remote(num_cpus=1)(_ray_work)
+        remote_run = ray.remote(**task_resources(backend))(_ray_work)
         level = logging.getLogger("flwr").level
         waiting = list(enumerate(tasks))
         runs: list[StrategyRun] = []
@@ -94,6 +94,12 @@ def run_on_ray(tasks: list[RunTask], jobs: int, backend: BackendSpec,
             ray.cancel(ref, force=True)
         if connected_here:
             ray.shutdown()  # leaves a cluster at an address running; stops a Ray started here
+
+
+def task_resources(backend: BackendSpec) -> dict[str, float]:
+    """What one run asks Ray for: a CPU (its devices and server run on one thread), and with
+    ``torch_device: cuda`` a GPU of its own (Ray shows a task only the GPUs it asked for)."""
+    return {"num_cpus": 1, "num_gpus": 1 if backend.torch_device == "cuda" else 0}
 
 
 def _on_node(task: RunTask) -> RunTask:

@@ -75,3 +75,13 @@ def test_keep_state_with_runs_as_ray_tasks_is_refused_before_anything_runs(write
     [line] = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "--keep-state with runs as Ray tasks" in line and "--jobs 1" in line
     assert not out.exists()
+
+
+def test_a_ray_task_asks_for_a_gpu_only_when_the_scenario_trains_on_cuda():
+    # A task that asks for a GPU gets one of its own from Ray (CUDA_VISIBLE_DEVICES); no GPU here to run it.
+    from fedkd.ray_jobs import task_resources
+    from fedkd.scenario import BackendSpec
+
+    assert task_resources(BackendSpec(kind="ray")) == {"num_cpus": 1, "num_gpus": 0}
+    assert task_resources(BackendSpec.model_construct(kind="ray", torch_device="cuda")) == {"num_cpus": 1,
+                                                                                            "num_gpus": 1}
