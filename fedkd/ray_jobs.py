@@ -1,7 +1,7 @@
 """Independent (seed, strategy) runs side by side as Ray tasks, on a Ray cluster or a local Ray.
 
 ``fedkd simulate ... --jobs N`` with ``backend: {kind: ray}`` and more than one
-run to do: each run is one Ray task (one CPU) that runs its devices on the
+run to do: each run is one Ray task (one CPU; a GPU with cuda) that runs its devices on the
 in-process backend on whichever node Ray places it, so a cluster of many
 machines runs many runs at once, none waiting for Ray's per-run start-up.
 A run's result is computed exactly as ``--jobs 1`` on the in-process backend
