@@ -47,6 +47,11 @@ class RunTask:
     def spec(self) -> StrategySpec:
         return self.scenario.strategies[self.index]
 
+    @property
+    def name(self) -> str:
+        """How messages name the run: ``<label> seed <s>``."""
+        return f"{self.spec.run_label} seed {self.scenario.seed}"
+
 
 def run_in_processes(tasks: list[RunTask], jobs: int,
                      progress_for: Callable[[int], ProgressFn | None] = lambda seed: None,
@@ -183,9 +188,9 @@ def run_task(task: RunTask, client_app, progress=None) -> StrategyRun:
     except FedkdError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a strategy raises, the user gets one line
-        raise run_failed(f"{spec.run_label} seed {scenario.seed}", exc) from exc
+        raise run_failed(task.name, exc) from exc
     if not sink:  # the backend returned without the server's result and without raising
-        raise RunFailed(f"run {spec.run_label} seed {scenario.seed} ended without a result; the backend "
+        raise RunFailed(f"run {task.name} ended without a result; the backend "
                         "logged why: run the same command with -v to see Flower's log")
     [run] = sink
     # The server's recorder does not know the seed; set it before the final checkpoint, so a

@@ -112,16 +112,15 @@ def _on_node(task: RunTask) -> RunTask:
 def _result(ray, ref, task: RunTask) -> StrategyRun:
     from ray.exceptions import RayError, RayTaskError
 
-    what = f"run {task.spec.run_label} seed {task.scenario.seed}"
     try:
         return ray.get(ref)
     except RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, FedkdError):
             raise cause from None
-        raise run_failed(f"{task.spec.run_label} seed {task.scenario.seed}", cause) from None
+        raise run_failed(task.name, cause) from None
     except RayError as exc:  # a worker or node lost for good, after Ray's retries
-        raise FedkdError(f"{what}: its Ray worker was lost ({type(exc).__name__}: {_first_line(exc)}); "
+        raise FedkdError(f"run {task.name}: its Ray worker was lost ({type(exc).__name__}: {_first_line(exc)}); "
                          "the runs finished so far are checkpointed: run the same command with --resume"
                          ) from None
 
